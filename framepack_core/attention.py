@@ -1,0 +1,84 @@
+"""Attention backends: torch SDPA, SageAttention, FlashAttention, xFormers, and ``auto``.
+
+Every backend takes q, k, v shaped (batch, tokens, heads, head_dim). Padding only ever sits at the end
+of a sequence (text padding), so a batch is described by each sample's valid prefix length. SDPA masks
+natively; kernels without masks run each sample alone on its valid prefix (the padded rows are never
+read by anything downstream, so they are left zero).
+"""
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+# backend name -> the pip package that provides it
+PACKAGES = {"sageattention": "sageattention", "flash_attn": "flash-attn", "xformers": "xformers"}
+BACKENDS = ("auto", "sdpa", *PACKAGES)
+
+
+def _sdpa(q, k, v, mask=None):
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def _sage(q, k, v):
+    from sageattention import sageattn
+
+    return sageattn(q, k, v, tensor_layout="NHD")
+
+
+def _flash(q, k, v):
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(q, k, v)
+
+
+def _xformers(q, k, v):
+    from xformers.ops import memory_efficient_attention
+
+    return memory_efficient_attention(q, k, v)
+
+
+_KERNELS = {"sdpa": _sdpa, "sageattention": _sage, "flash_attn": _flash, "xformers": _xformers}
+
+
+def installed(name):
+    return name == "sdpa" or importlib.util.find_spec(name) is not None
+
+
+def check_backend(name):
+    """Fail early, with the fix in the message, for an unknown or uninstalled backend."""
+    if name not in BACKENDS:
+        raise ValueError(f"Unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    if name != "auto" and not installed(name):
+        raise ImportError(
+            f"Attention backend {name!r} needs the package {PACKAGES[name]!r}, which is not installed. "
+            f"Install it (pip install {PACKAGES[name]}) or choose 'sdpa' or 'auto'."
+        )
+    return name
+
+
+def _auto(q):
+    # Fused kernels only run on CUDA in half precision; everything else (CPU, fp32) uses SDPA.
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        for name in ("sageattention", "flash_attn", "xformers"):
+            if installed(name):
+                return name
+    return "sdpa"
+
+
+def attention(q, k, v, lengths=None, backend="sdpa"):
+    """Scaled dot-product attention over (B, L, H, D) tensors.
+
+    ``lengths``: None when every token is valid, else a list of per-sample valid prefix lengths.
+    """
+    name = _auto(q) if backend == "auto" else backend
+    if lengths is None:
+        return _KERNELS[name](q, k, v)
+    if name == "sdpa":
+        keep = torch.arange(q.shape[1], device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None]
+        return _sdpa(q, k, v, mask=keep[:, None, None, :])
+    out = torch.zeros_like(q)
+    for i, n in enumerate(lengths):
+        out[i : i + 1, :n] = _KERNELS[name](q[i : i + 1, :n], k[i : i + 1, :n], v[i : i + 1, :n])
+    return out

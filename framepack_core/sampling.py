@@ -1,0 +1,208 @@
+"""Flow-matching sampling: sigma schedules, the guidance denoiser, and the UniPC / Euler samplers.
+
+Conventions (rectified flow, as in the original FramePack): a noisy sample at noise level sigma is
+``x = (1 - sigma) * x0 + sigma * noise`` and the model predicts the velocity ``v = noise - x0``, so
+``x0 = x - v * sigma``. Sigmas run from 1 (pure noise) down to 0.
+
+The numerics (operation order, float32 coefficients) deliberately follow the original FramePack so
+that the same inputs give the same video; tests pin this against values taken from it.
+"""
+
+import functools
+import math
+
+import torch
+
+# Linear token-count -> mu rule of the original: mu = 0.5 at 256 tokens, 1.15 at 4096, at most ln 7.
+_MU_SLOPE = (1.15 - 0.5) / (4096 - 256)
+_MU_INTERCEPT = 0.5 - _MU_SLOPE * 256
+_MU_MAX = math.log(7.0)
+
+
+def flux_mu(token_count):
+    """Time-shift exponent mu for a sequence of ``token_count`` noisy tokens (longer -> noisier)."""
+    if not token_count > 0:
+        raise ValueError(f"token_count must be > 0, got {token_count!r}; pass the number of noisy "
+                         "tokens (frames * H * W / 4 in latent units) or an explicit shift")
+    # slope-intercept form (not 0.5 + slope * (n - 256)) keeps mu bit-identical to the original
+    return min(_MU_SLOPE * token_count + _MU_INTERCEPT, _MU_MAX)
+
+
+def sigma_schedule(steps, token_count=None, shift=None):
+    """``steps + 1`` float32 sigmas from 1 to 0: ``sigma = e^mu / (e^mu + 1/t - 1)``, t = linspace(1, 0).
+
+    An explicit ``shift`` s means mu = ln s (larger s keeps sigmas high for longer); with
+    ``shift=None`` mu comes from ``token_count`` via :func:`flux_mu`.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if shift is None:
+        if token_count is None:
+            raise ValueError("sigma_schedule needs token_count when shift is None "
+                             "(or pass an explicit shift > 0)")
+        mu = flux_mu(token_count)
+    else:
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift!r}; use e.g. 3.0, or shift=None to derive "
+                             "it from token_count")
+        mu = math.log(shift)  # exp(log(s)) rather than s itself: bit-identical to the original
+    t = torch.linspace(1.0, 0.0, steps + 1)
+    e_mu = math.exp(mu)
+    return e_mu / (e_mu + (1.0 / t - 1.0))  # t = 0 gives 1/0 = inf and hence sigma = 0 exactly
+
+
+def make_flow_denoiser(model, positive, negative=None, cfg_scale=1.0, cfg_rescale=0.0,
+                       dtype=torch.float32, t_scale=1000.0):
+    """Wrap a velocity model as ``denoise(x, sigma_vec) -> x0`` with classifier-free guidance.
+
+    ``model(hidden_states=x, timestep=sigma * t_scale, **cond)`` gets both in ``dtype`` and returns the
+    velocity. The negative prompt is only evaluated when ``cfg_scale != 1`` (real CFG doubles the cost).
+    ``cfg_rescale`` in [0, 1] blends the guided velocity toward one with the positive's per-sample std,
+    which counters the over-saturation strong CFG causes.
+    """
+    if cfg_scale != 1.0 and negative is None:
+        raise ValueError(f"cfg_scale={cfg_scale} needs a negative conditioning; pass negative=... "
+                         "or use cfg_scale=1.0")
+    if not 0.0 <= cfg_rescale <= 1.0:
+        raise ValueError(f"cfg_rescale must be in [0, 1], got {cfg_rescale!r}")
+
+    def denoise(x, sigma):
+        sigma = sigma.float()
+        x_in = x.to(dtype)
+        timestep = (sigma * t_scale).to(dtype)
+        v = v_pos = model(hidden_states=x_in, timestep=timestep, **positive).float()
+        if cfg_scale != 1.0:
+            v_neg = model(hidden_states=x_in, timestep=timestep, **negative).float()
+            v = v_neg + cfg_scale * (v_pos - v_neg)
+        if cfg_rescale != 0.0:
+            dims = list(range(1, v.ndim))
+            rescaled = v * (v_pos.std(dim=dims, keepdim=True) / v.std(dim=dims, keepdim=True))
+            v = cfg_rescale * rescaled + (1.0 - cfg_rescale) * v
+        # x0 from the model-dtype input, as the original does (bf16 rounding of x included)
+        x0 = x_in.float() - v * sigma.view(-1, *([1] * (x.ndim - 1)))
+        return x0.to(x.dtype)
+
+    return denoise
+
+
+def _prepare(x, sigmas, interrupt, denoise):
+    """Validate sampler inputs; return float32 sigmas on x's device and a denoise that checks interrupt."""
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
+        shape = tuple(sigmas.shape) if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__
+        raise ValueError(f"sigmas must be a 1-D tensor with at least 2 values, got {shape}; "
+                         "use sigma_schedule(steps, ...)")
+    sigmas = sigmas.to(device=x.device, dtype=torch.float32)
+    if not torch.isfinite(sigmas).all() or (sigmas < 0).any():
+        raise ValueError(f"sigmas must be finite and >= 0, got {sigmas.tolist()}")
+    if not (sigmas[1:] < sigmas[:-1]).all():
+        raise ValueError(f"sigmas must be strictly decreasing (noise -> data), got {sigmas.tolist()}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x (the initial noisy latent) contains NaN or inf")
+    if interrupt is None:
+        return sigmas, denoise
+
+    def checked(x, sigma):
+        interrupt()  # raises to abort (ComfyUI's cancel); we let it propagate untouched
+        return denoise(x, sigma)
+
+    return sigmas, checked
+
+
+def sample_euler(denoise, x, sigmas, callback=None, interrupt=None):
+    """Euler steps along the flow ODE dx/dsigma = v = (x - x0) / sigma; returns x at sigmas[-1]."""
+    sigmas, denoise = _prepare(x, sigmas, interrupt, denoise)
+    out_dtype, x, steps = x.dtype, x.float(), len(sigmas) - 1
+    for i in range(steps):
+        x0 = denoise(x, sigmas[i].expand(x.shape[0])).float()
+        x = x + (sigmas[i + 1] - sigmas[i]) * ((x - x0) / sigmas[i])
+        if callback is not None:
+            callback(i, steps, x, x0)
+    return x.to(out_dtype)
+
+
+def _unipc_coefficients(hh, ratios, order, variant):
+    """Predictor/corrector weights of one UniPC step of the given order (UniPC paper, B(h) variants).
+
+    ``hh = -h`` with h the step in lambda = -log sigma; ``ratios`` are the older steps' lambda
+    offsets relative to h. Returns (B_h, h_phi_1, predictor weights or None, corrector weights).
+    """
+    h_phi_1 = torch.expm1(hh)
+    b_h = hh if variant == "bh1" else h_phi_1
+    # Right-hand side k! * phi_{k+1}(hh) / B(h), k = 1..order, via phi_{k+1} = (phi_k - 1/k!) / hh.
+    rhs, phi, factorial = [], h_phi_1 / hh - 1, 1
+    for k in range(1, order + 1):
+        rhs.append(phi * factorial / b_h)
+        factorial *= k + 1
+        phi = phi / hh - 1 / factorial
+    rhs = torch.stack(rhs)
+    nodes = torch.stack(ratios + [torch.ones_like(hh)])
+    vandermonde = torch.stack([nodes ** k for k in range(order)])
+    # Order 1 and 2 use the fixed weight 1/2 of the paper's low-order schemes.
+    predictor = None if order == 1 else (
+        torch.tensor([0.5], device=hh.device) if order == 2
+        else torch.linalg.solve(vandermonde[:-1, :-1], rhs[:-1]))
+    corrector = (torch.tensor([0.5], device=hh.device) if order == 1
+                 else torch.linalg.solve(vandermonde, rhs))
+    return b_h, h_phi_1, predictor, corrector
+
+
+def _weighted_sum(tensors, weights):
+    # one tensordot over a stacked batch axis, the original's reduction order, so results match bitwise
+    return torch.tensordot(torch.stack(tensors, dim=1), weights, dims=([1], [0]))
+
+
+def sample_unipc(denoise, x, sigmas, callback=None, interrupt=None, variant="bh1"):
+    """UniPC (multistep predictor-corrector) in data prediction for flow matching.
+
+    Matches the original FramePack: order ``min(3, len(sigmas) - 2)`` reached after a warm-up at lower
+    orders, one model call per step at sigmas[0] .. sigmas[-2], and the result is the model's last x0
+    prediction (made at sigmas[-2]); sigmas[-1] itself is never evaluated. With one step (two sigmas)
+    that means a single model call at sigmas[0] whose x0 is returned, which is what the original does.
+    """
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
+    sigmas, denoise = _prepare(x, sigmas, interrupt, denoise)
+    out_dtype, x, steps = x.dtype, x.float(), len(sigmas) - 1
+    max_order = max(min(3, steps - 1), 1)
+    sigma = sigmas[0].expand(x.shape[0])
+    x0 = denoise(x, sigma).float()
+    history = [(sigma, -torch.log(sigma), x0)]  # (sigma, lambda, x0) of the last max_order steps
+    if callback is not None:
+        callback(0, steps, x, x0)
+    for i in range(1, steps):
+        order = min(i, max_order)
+        sigma = sigmas[i].expand(x.shape[0])
+        lam = -torch.log(sigma)
+        sigma_prev, lam_prev, x0_prev = history[-1]
+        h = lam - lam_prev
+        older = history[-order:-1][::-1]  # most recent first
+        ratios = [((lam_k - lam_prev) / h)[0] for _, lam_k, _ in older]
+        diffs = [(x0_k - x0_prev) / r for (_, _, x0_k), r in zip(older, ratios)]
+        b_h, h_phi_1, rho_p, rho_c = _unipc_coefficients(-h[0], ratios, order, variant)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        # first-order (DDIM-like) step from the newest prediction, then higher-order corrections
+        x_base = (sigma / sigma_prev).view(shape) * x - h_phi_1 * x0_prev
+        x_pred = x_base if rho_p is None else x_base - b_h * _weighted_sum(diffs, rho_p)
+        x0 = denoise(x_pred, sigma).float()
+        correction = rho_c[-1] * (x0 - x0_prev)
+        if diffs:
+            correction = _weighted_sum(diffs, rho_c[:-1]) + correction
+        x = x_base - b_h * correction
+        history = (history + [(sigma, lam, x0)])[-max_order:]
+        if callback is not None:
+            callback(i, steps, x, x0)
+    return x0.to(out_dtype)
+
+
+SAMPLERS = {
+    "unipc_bh1": functools.partial(sample_unipc, variant="bh1"),
+    "unipc_bh2": functools.partial(sample_unipc, variant="bh2"),
+    "euler": sample_euler,
+}
+
+
+def sample(name, denoise, x, sigmas, callback=None, interrupt=None):
+    """Run the sampler called ``name`` (a key of :data:`SAMPLERS`)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(sorted(SAMPLERS))}")
+    return SAMPLERS[name](denoise, x, sigmas, callback=callback, interrupt=interrupt)
