@@ -78,7 +78,12 @@ def attention(q, k, v, lengths=None, backend="sdpa"):
     if name == "sdpa":
         keep = torch.arange(q.shape[1], device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None]
         return _sdpa(q, k, v, mask=keep[:, None, None, :])
+    return per_sample(_KERNELS[name], q, k, v, lengths)
+
+
+def per_sample(kernel, q, k, v, lengths):
+    """Masked attention for kernels without masks: each sample alone on its valid prefix."""
     out = torch.zeros_like(q)
     for i, n in enumerate(lengths):
-        out[i : i + 1, :n] = _KERNELS[name](q[i : i + 1, :n], k[i : i + 1, :n], v[i : i + 1, :n])
+        out[i : i + 1, :n] = kernel(q[i : i + 1, :n], k[i : i + 1, :n], v[i : i + 1, :n])
     return out

@@ -138,14 +138,14 @@ class Section:
     def gather(self, start_latent: torch.Tensor, history: torch.Tensor) -> dict:
         """Context kwargs picked from ``start_latent`` (B,16,1,H,W) and ``history`` (B,16,T,H,W).
 
-        Keys: indices_noisy, latents_clean, indices_clean, latents_history_2x, indices_history_2x,
-        latents_history_4x, indices_history_4x. Latents are (B,16,frames,H,W) in history's dtype/device;
+        Keys: latent_indices, clean_latents, clean_latent_indices, clean_latents_2x, clean_latent_2x_indices,
+        clean_latents_4x, clean_latent_4x_indices. Latents are (B,16,frames,H,W) in history's dtype/device;
         indices are 1-D LongTensors; an empty level gives None for both.
         """
-        context = {"indices_noisy": torch.tensor(self.noisy_indices, dtype=torch.long, device=history.device)}
-        named = {"clean": self.clean, "history_2x": self.history_2x, "history_4x": self.history_4x}
-        for name, level in named.items():
-            context[f"latents_{name}"], context[f"indices_{name}"] = level.gather(start_latent, history)
+        context = {"latent_indices": torch.tensor(self.noisy_indices, dtype=torch.long, device=history.device)}
+        named = {"": self.clean, "_2x": self.history_2x, "_4x": self.history_4x}
+        for suffix, level in named.items():
+            context[f"clean_latents{suffix}"], context[f"clean_latent{suffix}_indices"] = level.gather(start_latent, history)
         return context
 
     def output(self, sampled: torch.Tensor, start_latent: torch.Tensor) -> torch.Tensor:

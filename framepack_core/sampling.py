@@ -128,16 +128,17 @@ def _unipc_coefficients(hh, ratios, order, variant):
     """
     h_phi_1 = torch.expm1(hh)
     b_h = hh if variant == "bh1" else h_phi_1
-    # Right-hand side k! * phi_{k+1}(hh) / B(h), k = 1..order, via phi_{k+1} = (phi_k - 1/k!) / hh.
-    rhs, phi, factorial = [], h_phi_1 / hh - 1, 1
+    # rhs_k = k! * hh * phi_{k+1}(hh) / B(h) for k = 1..order, with phi_1(hh) = expm1(hh) / hh and
+    # hh * phi_{k+1} = phi_k - 1/k! (the exponential-integrator phi functions of the UniPC paper)
+    rhs, hh_phi, factorial = [], h_phi_1 / hh - 1, 1
     for k in range(1, order + 1):
-        rhs.append(phi * factorial / b_h)
+        rhs.append(hh_phi * factorial / b_h)
         factorial *= k + 1
-        phi = phi / hh - 1 / factorial
+        hh_phi = hh_phi / hh - 1 / factorial
     rhs = torch.stack(rhs)
     nodes = torch.stack(ratios + [torch.ones_like(hh)])
     vandermonde = torch.stack([nodes ** k for k in range(order)])
-    # Order 1 and 2 use the fixed weight 1/2 of the paper's low-order schemes.
+    # With a single free weight the paper (and the original) fix it at 1/2 instead of solving for it.
     predictor = None if order == 1 else (
         torch.tensor([0.5], device=hh.device) if order == 2
         else torch.linalg.solve(vandermonde[:-1, :-1], rhs[:-1]))
@@ -147,7 +148,8 @@ def _unipc_coefficients(hh, ratios, order, variant):
 
 
 def _weighted_sum(tensors, weights):
-    # one tensordot over a stacked batch axis, the original's reduction order, so results match bitwise
+    # stack on dim 1 and contract with one tensordot: the original's reduction order, so results match
+    # it bit for bit (a Python sum of products differs in the last bits)
     return torch.tensordot(torch.stack(tensors, dim=1), weights, dims=([1], [0]))
 
 

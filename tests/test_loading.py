@@ -1,0 +1,207 @@
+"""Loading real safetensors checkpoints: layouts, prefixes, dtypes, and clear errors for wrong files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import diffusers_reference, relative_error, run_reference
+from framepack_core.loading import CheckpointError, load_transformer, read_key_shapes
+from framepack_core.ops import CastOps, TorchOps
+from framepack_core.synthetic import MEDIUM, TINY, random_state_dict, save_diffusers_folder, save_single_file, section_inputs
+
+
+def _same_weights(model, state):
+    loaded = model.state_dict()
+    assert loaded.keys() == state.keys()
+    return all(torch.equal(loaded[k].float(), state[k].float()) for k in state)
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model.", "diffusion_model.", "transformer."])
+def test_single_file_with_any_prefix(tiny_state, tmp_path, prefix):
+    model = load_transformer(save_single_file(tmp_path / "m.safetensors", tiny_state, prefix=prefix))
+    assert model.config == TINY
+    assert _same_weights(model, tiny_state)
+
+
+def test_sharded_diffusers_folder(tiny_state, tmp_path):
+    folder = save_diffusers_folder(tmp_path / "FramePackI2V_HY", tiny_state, TINY, shards=3)
+    assert len(list(folder.glob("*.safetensors"))) == 3
+    model = load_transformer(folder)
+    assert model.config == TINY
+    assert _same_weights(model, tiny_state)
+
+
+def test_config_is_inferred_from_shapes(tmp_path):
+    state = random_state_dict(MEDIUM, seed=3, dtype=torch.bfloat16)
+    shapes = read_key_shapes(save_single_file(tmp_path / "medium.safetensors", state))
+    from framepack_core.loading import infer_config
+
+    assert infer_config({k: s for k, (s, _) in shapes.items()}) == MEDIUM
+
+
+def test_released_shapes_infer_the_released_config():
+    """The 13B checkpoint's shapes (read off a meta model) give the full config of DESIGN.md."""
+    from framepack_core.loading import infer_config
+    from framepack_core.model import FramePackConfig, FramePackTransformer
+
+    shapes = {k: tuple(v.shape) for k, v in FramePackTransformer(device="meta").state_dict().items()}
+    cfg = infer_config(shapes)
+    assert cfg == FramePackConfig()
+    assert (cfg.num_heads, cfg.head_dim, cfg.num_layers, cfg.num_single_layers, cfg.rope_axes) == (24, 128, 20, 40, (16, 56, 56))
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16, torch.float32])
+def test_stored_dtype_becomes_compute_dtype(tiny_state, tmp_path, stored):
+    model = load_transformer(save_single_file(tmp_path / "m.safetensors", tiny_state, dtype=stored))
+    assert model.compute_dtype == stored
+    assert model.transformer_blocks[0].attn.to_q.weight.dtype == stored
+    assert model.proj_out.weight.dtype == torch.float32  # fp32 output projection
+    with torch.no_grad():
+        assert model(**section_inputs(TINY)).isfinite().all()
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_file_matches_diffusers_on_dequantised_weights(tiny_state, tmp_path, fp8):
+    """fp8-stored weights with fp32 compute equal the reference run on the same (rounded) weights."""
+    quantised = {k: v.to(fp8) if v.ndim >= 2 else v.to(torch.bfloat16) for k, v in tiny_state.items()}
+    model = load_transformer(save_single_file(tmp_path / "fp8.safetensors", quantised), compute_dtype=torch.float32)
+    assert model.transformer_blocks[0].ff.net[2].weight.dtype == fp8
+    assert isinstance(model.transformer_blocks[0].attn.to_q, CastOps.Linear)
+    kwargs = section_inputs(TINY)
+    with torch.no_grad():
+        expected = run_reference(diffusers_reference(TINY, {k: v.float() for k, v in quantised.items()}), kwargs)
+        assert relative_error(model(**kwargs), expected) <= 1e-5
+
+
+def test_fp8_file_defaults_to_bf16_compute(tiny_state, tmp_path):
+    quantised = {k: v.to(torch.float8_e4m3fn) if v.ndim >= 2 else v.to(torch.bfloat16) for k, v in tiny_state.items()}
+    model = load_transformer(save_single_file(tmp_path / "fp8.safetensors", quantised))
+    assert model.compute_dtype == torch.bfloat16
+
+
+def test_fp8_storage_from_bf16_file(tiny_file, reference):
+    model = load_transformer(tiny_file, compute_dtype=torch.float32, storage_dtype=torch.float8_e4m3fn)
+    blocks = model.transformer_blocks[0]
+    assert blocks.attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert blocks.attn.to_q.bias.dtype == torch.float32 and model.x_embedder.proj.weight.dtype == torch.float32
+    kwargs = section_inputs(TINY)
+    with torch.no_grad():
+        assert relative_error(model(**kwargs), run_reference(reference, kwargs)) < 0.1  # fp8 rounding only
+
+
+def test_same_dtype_uses_plain_layers(tiny_file):
+    model = load_transformer(tiny_file)
+    assert type(model.transformer_blocks[0].attn.to_q) is TorchOps.Linear
+
+
+def test_unknown_attention_backend_is_rejected(tiny_file):
+    with pytest.raises(ValueError, match="Unknown attention backend 'fastest'"):
+        load_transformer(tiny_file, attention_backend="fastest")
+
+
+# ---------------------------------------------------------------------------------------------
+# files that are not a FramePack transformer
+
+
+def _save(path, tensors):
+    save_file({k: torch.zeros(2, 2) for k in tensors}, str(path))
+    return path
+
+
+def test_original_hunyuan_video_format_is_named(tmp_path):
+    path = _save(tmp_path / "hunyuan_video_720_cfgdistill_bf16.safetensors",
+                 ["img_in.proj.weight", "double_blocks.0.img_attn_qkv.weight", "single_blocks.0.linear1.weight"])
+    with pytest.raises(CheckpointError, match="original-format HunyuanVideo"):
+        load_transformer(path)
+
+
+def test_sdxl_unet_is_named(tmp_path):
+    path = _save(tmp_path / "sd_xl_base.safetensors",
+                 ["model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.out.2.weight"])
+    with pytest.raises(CheckpointError, match="SDXL UNet"):
+        load_transformer(path)
+
+
+def test_diffusers_hunyuan_video_without_framepack_parts(tiny_state, tmp_path):
+    state = {k: v for k, v in tiny_state.items() if not k.startswith(("clean_x_embedder", "image_projection"))}
+    with pytest.raises(CheckpointError, match="without FramePack's clean_x_embedder"):
+        load_transformer(save_single_file(tmp_path / "hv.safetensors", state))
+
+
+def test_missing_tensors_are_listed(tiny_state, tmp_path):
+    state = {k: v for k, v in tiny_state.items() if k != "transformer_blocks.1.attn.to_k.weight"}
+    with pytest.raises(CheckpointError, match=r"missing 1 tensors \(e.g. transformer_blocks.1.attn.to_k.weight"):
+        load_transformer(save_single_file(tmp_path / "m.safetensors", state))
+
+
+def test_extra_tensors_are_reported(tiny_state, tmp_path):
+    state = {**tiny_state, "transformer_blocks.0.attn.lora_A.weight": torch.zeros(2, 2)}
+    with pytest.raises(CheckpointError, match="no layer uses .*lora_A"):
+        load_transformer(save_single_file(tmp_path / "m.safetensors", state))
+
+
+def test_truncated_file(tiny_file, tmp_path):
+    data = tiny_file.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_transformer(cut)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty or truncated"):
+        load_transformer(tmp_path / "empty.safetensors")
+
+
+def test_pickle_is_never_unpickled(tiny_state, tmp_path):
+    marker = tmp_path / "unpickled"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for name, payload in [("model.ckpt", {"state_dict": tiny_state}), ("evil.pt", Boom())]:
+        torch.save(payload, tmp_path / name)
+        with pytest.raises(CheckpointError, match="pickled PyTorch checkpoint"):
+            load_transformer(tmp_path / name)
+    assert not marker.exists()
+
+
+def test_folder_of_pickles(tmp_path):
+    torch.save({}, tmp_path / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickle files \\(diffusion_pytorch_model.bin\\)"):
+        load_transformer(tmp_path)
+
+
+def test_folder_with_missing_shard(tiny_state, tmp_path):
+    folder = save_diffusers_folder(tmp_path / "sharded", tiny_state, TINY, shards=2)
+    next(folder.glob("*-00002-of-00002.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="lists shards that are not in"):
+        load_transformer(folder)
+
+
+def test_gap_in_block_numbering(tiny_state, tmp_path):
+    state = {k.replace("single_transformer_blocks.1.", "single_transformer_blocks.2."): v for k, v in tiny_state.items()}
+    with pytest.raises(CheckpointError, match="gaps"):
+        load_transformer(save_single_file(tmp_path / "m.safetensors", state))
+
+
+def test_missing_path():
+    with pytest.raises(FileNotFoundError, match="No checkpoint at"):
+        load_transformer("/nonexistent/framepack.safetensors")
+
+
+def test_uninferable_rope_axes_ask_for_config(tmp_path):
+    from framepack_core.model import FramePackConfig
+
+    odd = FramePackConfig(num_heads=2, head_dim=16, num_layers=1, num_single_layers=1, num_refiner_layers=1,
+                          text_dim=16, pooled_dim=8, image_dim=8, rope_axes=(4, 6, 6))
+    state = random_state_dict(odd)
+    with pytest.raises(CheckpointError, match="config.json with rope_axes_dim"):
+        load_transformer(save_single_file(tmp_path / "m.safetensors", state))
+    folder = save_diffusers_folder(tmp_path / "folder", state, odd, shards=1)
+    assert load_transformer(folder).config == odd
+    assert json.loads((folder / "config.json").read_text())["rope_axes_dim"] == [4, 6, 6]
