@@ -378,9 +378,9 @@ class FramePackTransformer(nn.Module):
 
     # -- input packing ------------------------------------------------------------------------
 
-    def _rope(self, indices, batch, height, width, pool=1):
+    def _rope(self, indices, batch, height, width, device, pool=1):
         """cos/sin (B|1, L, D) for frame indices (T,) or (B, T), average-pooled for 2x/4x history."""
-        rows = indices.reshape(-1, indices.shape[-1])
+        rows = indices.to(device).reshape(-1, indices.shape[-1])
         if rows.shape[0] not in (1, batch):
             raise ValueError(f"Frame indices have {rows.shape[0]} rows for a batch of {batch}.")
         tables = []
@@ -392,15 +392,15 @@ class FramePackTransformer(nn.Module):
         cos, sin = torch.stack(tables).chunk(2, dim=-1)
         return cos, sin
 
-    def _embed_clean(self, kernel, latents, indices, batch, height, width, dtype):
+    def _embed_clean(self, kernel, latents, indices, batch, height, width, dtype, device):
         name, size = CLEAN_EMBEDDERS[kernel]
         if not hasattr(self.clean_x_embedder, name):
             raise ValueError(f"These weights have no {kernel}x clean-latent embedder (clean_x_embedder.{name}); "
                              f"use a packing schedule with no {kernel}x history.")
         if indices is None or latents.shape[2] != indices.shape[-1]:
             raise ValueError(f"{kernel}x context: {latents.shape[2]} latent frames need as many frame indices.")
-        tokens = getattr(self.clean_x_embedder, name)(pad_replicate(latents.to(dtype), size))
-        return tokens.flatten(2).transpose(1, 2), self._rope(indices, batch, height, width, pool=kernel)
+        tokens = getattr(self.clean_x_embedder, name)(pad_replicate(latents.to(device, dtype), size))
+        return tokens.flatten(2).transpose(1, 2), self._rope(indices, batch, height, width, device, pool=kernel)
 
     def pack_tokens(self, x, indices, context, dtype):
         """Embed noisy and clean latents into one sequence ordered [4x, 2x, 1x, noisy], with its RoPE."""
@@ -410,13 +410,13 @@ class FramePackTransformer(nn.Module):
         if indices is None:
             indices = torch.arange(frames // pt, device=x.device)
         tokens = [self.x_embedder.proj(x.to(dtype)).flatten(2).transpose(1, 2)]
-        ropes = [self._rope(indices, batch, grid_h, grid_w)]
+        ropes = [self._rope(indices, batch, grid_h, grid_w, x.device)]
         for kernel, latents, idx in context:
             if latents is not None:
                 if latents.shape[-2:] != x.shape[-2:]:
                     raise ValueError(f"{kernel}x context latents are {tuple(latents.shape[-2:])} but the noisy "
                                      f"latents are {tuple(x.shape[-2:])}; all must share one latent size.")
-                t, r = self._embed_clean(kernel, latents, idx, batch, grid_h, grid_w, dtype)
+                t, r = self._embed_clean(kernel, latents, idx, batch, grid_h, grid_w, dtype, x.device)
                 tokens.insert(0, t)
                 ropes.insert(0, r)
         cos = torch.cat([c for c, _ in ropes], 1)
@@ -437,6 +437,7 @@ class FramePackTransformer(nn.Module):
         SigLIP last_hidden_state (B, 729, image_dim). Each clean-latent group is optional.
         """
         dtype = self.compute_dtype or hidden_states.dtype
+        device = hidden_states.device  # every other input follows the latents' device
         batch, _, frames, h, w = hidden_states.shape
         pt, ph, pw = self.config.patch_size
         if h % ph or w % pw or frames % pt:
@@ -446,23 +447,24 @@ class FramePackTransformer(nn.Module):
         x, rope = self.pack_tokens(hidden_states, latent_indices, context, dtype)
         num_noisy = (frames // pt) * (h // ph) * (w // pw)
 
-        timestep = timestep.reshape(-1).expand(batch)
-        text = encoder_hidden_states.to(dtype)
+        timestep = timestep.to(device).reshape(-1).expand(batch)
+        text = encoder_hidden_states.to(device, dtype)
         mask = encoder_attention_mask
         if mask is None:
-            mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+            mask = torch.ones(text.shape[:2], dtype=torch.bool, device=device)
+        mask = mask.to(device)
         text_lengths = _prefix_lengths(mask)
         text = text[:, : max(text_lengths)]  # padding past the longest prompt is never attended to
         mask = mask[:, : text.shape[1]]
         same = len(set(text_lengths)) == 1
         ctx = self.context_embedder(text, timestep, mask, None if same else text_lengths, self.attention_backend)
-        temb = self.time_text_embed(timestep, pooled_projections.to(dtype),
-                                    None if guidance is None else guidance.reshape(-1).expand(batch))
+        temb = self.time_text_embed(timestep, pooled_projections.to(device, dtype),
+                                    None if guidance is None else guidance.to(device).reshape(-1).expand(batch))
 
         if image_embeddings is None:
             raise ValueError("FramePack needs image embeddings: pass the SigLIP (CLIP vision) last_hidden_state "
                              "of the start image as `image_embeddings`.")
-        image = self.image_projection(image_embeddings.to(dtype))
+        image = self.image_projection(image_embeddings.to(device, dtype))
         ctx = torch.cat([image, ctx], 1)  # image tokens first, so text padding stays at the end
         lengths = None if same else [x.shape[1] + image.shape[1] + n for n in text_lengths]
 

@@ -58,8 +58,8 @@ Counts = Union[Sequence[int], Mapping[int, int]]
 def sections_for_length(seconds: float, window: int = 9, fps: float = 30) -> int:
     """Number of sections for a video of ``seconds``, as the original: each latent frame is 4 pixel frames."""
     _check_positive_int("window", window)
-    if seconds < 0 or fps <= 0:
-        raise ValueError(f"seconds must be >= 0 and fps > 0, got seconds={seconds}, fps={fps}")
+    if not seconds > 0 or not fps > 0:
+        raise ValueError(f"video length must be > 0 seconds and fps > 0, got seconds={seconds}, fps={fps}")
     return max(round(seconds * fps / (window * 4)), 1)
 
 
@@ -130,18 +130,27 @@ class Section:
     is_last: bool
     joins_start: bool  # the start latent is prefixed to this section's output (inverted, padding 0)
     first_video_frame: int  # latent frame of the final video where this window begins (start latent = 0)
+    video_index: int  # position in the video: 0 is the section right after the start frame
 
     @property
     def levels(self) -> Tuple[Level, Level, Level]:
         return (self.clean, self.history_2x, self.history_4x)
 
-    def gather(self, start_latent: torch.Tensor, history: torch.Tensor) -> dict:
+    def gather(self, start_latent: torch.Tensor, history: torch.Tensor, guide: Optional[torch.Tensor] = None) -> dict:
         """Context kwargs picked from ``start_latent`` (B,16,1,H,W) and ``history`` (B,16,T,H,W).
+
+        ``guide`` (B,16,1,H,W), inverted mode: stands in for the 1x history frame right after the window
+        (history[0]), so the section leads into it (an end frame or a keyframe).
 
         Keys: latent_indices, clean_latents, clean_latent_indices, clean_latents_2x, clean_latent_2x_indices,
         clean_latents_4x, clean_latent_4x_indices. Latents are (B,16,frames,H,W) in history's dtype/device;
         indices are 1-D LongTensors; an empty level gives None for both.
         """
+        if guide is not None:
+            if self.clean.history_positions[:1] != (0,):
+                raise ValueError("a guide frame (end frame or keyframe) needs the inverted schedule with at least "
+                                 "one 1x history frame (counts[0] >= 1)")
+            history = torch.cat([guide.to(history), history[:, :, 1:]], dim=2)
         context = {"latent_indices": torch.tensor(self.noisy_indices, dtype=torch.long, device=history.device)}
         named = {"": self.clean, "_2x": self.history_2x, "_4x": self.history_4x}
         for suffix, level in named.items():
@@ -326,6 +335,7 @@ def make_schedule(
             is_last=i == num_sections - 1,
             joins_start=mode == "inverted" and p == 0,
             first_video_frame=first_video_frame,
+            video_index=num_sections - 1 - i if mode == "inverted" else i,
         ))
     return PackingSchedule(mode, window, (c1, c2, c4), first_frame_priority, tuple(sections))
 

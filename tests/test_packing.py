@@ -305,7 +305,7 @@ def test_sections_for_length():
     assert sections_for_length(5, window=9) == 4  # 150 / 36 = 4.17
     assert sections_for_length(60, window=9) == 50
     assert sections_for_length(1, window=9) == 1
-    assert sections_for_length(0, window=9) == 1
+    assert sections_for_length(0.1, window=9) == 1  # short videos still get one section
     assert sections_for_length(2.4, window=9) == 2  # round(2.0)
     assert sections_for_length(5, window=9, fps=15) == 2
     assert sections_for_length(5, window=3) == 12
@@ -349,7 +349,8 @@ def test_kernel_availability_errors():
 def test_other_validation_errors():
     with pytest.raises(ValueError, match="window"):
         sections_for_length(5, window=0)
-    with pytest.raises(ValueError, match="seconds"):
-        sections_for_length(-1)
+    for seconds in (-1, 0):
+        with pytest.raises(ValueError, match="video length must be > 0 seconds"):
+            sections_for_length(seconds)
     with pytest.raises(ValueError, match="latent_height"):
         make_schedule("inverted", 1).token_budget(0, 8)

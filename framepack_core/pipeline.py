@@ -1,0 +1,259 @@
+"""The section loop: a whole FramePack generation, section by section, from a start latent.
+
+Latents here are in the model's space (ComfyUI's HunyuanVideo latents times 0.476986). Per-section
+layouts come from a packing schedule (packing.py); each section is sampled by a pluggable
+``sample_section`` step, by default the flow-matching samplers (sampling.py) driving the transformer.
+One CPU generator, seeded once, draws every section's noise in sampling order, as the original does,
+so the same seed gives the same video.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .cache import TeaCache
+from .sampling import make_flow_denoiser, sample, sigma_schedule
+
+MAX_TEXT_TOKENS = 512  # the original pads/crops the LLM hidden states to this length
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One encoded prompt: LLM hidden states (1, N, text_dim), pooled CLIP-L (1, pooled_dim), mask (1, N)."""
+
+    text: torch.Tensor
+    pooled: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class TimedPrompt:
+    """A prompt for the sections that start within [start, end) seconds of the video."""
+
+    prompt: Prompt
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    steps: int = 25
+    seed: int = 0
+    distilled_guidance: float = 10.0
+    cfg: float = 1.0  # real CFG (negative prompt evaluated) only when != 1
+    cfg_rescale: float = 0.0
+    shift: Optional[float] = None  # None: from the section's token count, as the original
+    sampler: str = "unipc_bh1"
+    teacache_threshold: Optional[float] = None  # None: TeaCache off; 0.15 is the original's setting
+    dtype: torch.dtype = torch.bfloat16  # dtype the transformer runs in
+
+
+@dataclass
+class GenerationResult:
+    latents: torch.Tensor  # (1, C, T, H, W) in temporal order; frame 0 is the start latent
+    sections: list = field(default_factory=list)  # (start, stop) latent frames of each section, temporal order
+    mode: str = "inverted"
+    window: int = 9
+
+
+def generate(model, schedule, start_latent, image_embeddings, prompt, negative=None, settings=SamplingSettings(),
+             *, end_latent=None, end_image_embeddings=None, keyframes=None, timed_prompts=(),
+             extend_latents=None, fps=30.0, sample_section=None, on_step=None, on_section=None, interrupt=None):
+    """Generate a video's latents section by section.
+
+    start_latent: (1, C, 1, H, W). image_embeddings: SigLIP last_hidden_state (1, 729, 1152) of the start
+    image. prompt / negative: ``Prompt``s (negative is needed only when settings.cfg != 1).
+    end_latent: inverted mode only; guides the temporally last section toward this frame.
+    end_image_embeddings: with it, each section's image embedding moves linearly from the start's (first
+        section) to the end's (last section).
+    keyframes: {video section index: latent (1, C, 1, H, W)} (inverted mode): the section is sampled with
+        the keyframe as the frame right after its window, so it leads into that image.
+    timed_prompts: ``TimedPrompt``s; a section whose start time falls in a range uses that prompt.
+    extend_latents: (1, C, T, H, W) video to continue. Forward mode keeps it as history (start_latent
+        defaults to its first frame); inverted mode starts from its last frame and appends after it.
+    sample_section(noise, positive, negative, on_step, interrupt) -> latents: replaces the default
+        sampler (``DefaultSectionSampler``); positive/negative are the transformer's keyword arguments.
+    on_step(section_position, num_sections, step, steps, x0): after every sampler step.
+    on_section(section, video_latents_so_far): after every section. interrupt(): raises to stop.
+    """
+    mode, window = schedule.mode, schedule.window
+    start_latent, prefix = _start_and_prefix(mode, start_latent, extend_latents)
+    _check_latent("start_latent", start_latent)
+    _check_embeddings("image_embeddings", image_embeddings)
+    shape = start_latent.shape
+    guides = _guides(schedule, shape, end_latent, keyframes)
+    timed = _check_timed_prompts(timed_prompts)
+    if end_image_embeddings is not None:
+        _check_embeddings("end_image_embeddings", end_image_embeddings, like=image_embeddings)
+    sample_section = sample_section or DefaultSectionSampler(model, settings)
+    negative = negative if settings.cfg != 1.0 else None
+
+    device = _device(model)
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    history = schedule.initial_history(start_latent)
+    if mode == "forward" and prefix is not None:
+        history = torch.cat([history[:, :, : schedule.history_padding], prefix.float()], 2)
+    n = len(schedule)
+    for position, section in enumerate(schedule):
+        if interrupt is not None:
+            interrupt()
+        noise = torch.randn((1, shape[1], window, shape[3], shape[4]), generator=generator)
+        context = section.gather(start_latent.float(), history, guide=guides.get(section.video_index))
+        embeds = _section_embeddings(image_embeddings, end_image_embeddings, section.video_index, n)
+        seconds = max(4 * section.first_video_frame - 3, 0) / fps
+        active = next((t.prompt for t in timed if t.start <= seconds < t.end), prompt)
+        positive = _model_inputs(active, embeds, context, settings, device)
+        neg = None if negative is None else _model_inputs(negative, embeds, context, settings, device)
+
+        def step_callback(step, steps, x, x0, _position=position):
+            if on_step is not None:
+                on_step(_position, n, step, steps, x0)
+
+        sampled = sample_section(noise.to(device), positive, neg, step_callback, interrupt)
+        history = schedule.append(history, section.output(sampled.float().cpu(), start_latent.float()))
+        if on_section is not None:
+            on_section(section, schedule.video_latents(history))
+
+    video = schedule.video_latents(history)
+    sections = _section_ranges(schedule)
+    if prefix is not None:  # the input video stays in front of the generated frames
+        if mode == "inverted":  # prefix = the input less its last frame, which began the generated part
+            video = torch.cat([prefix.float(), video], 2)
+            first, offset = 0, prefix.shape[2]
+        else:  # history held the whole input; its frame 0 is the start latent, which no section owns
+            first, offset = 1, prefix.shape[2] - 1
+        kept = [(first, offset + first)] if offset > 0 else []
+        sections = kept + [(a + offset, b + offset) for a, b in sections]
+    assert sections[-1][1] == video.shape[2], (sections, video.shape)
+    return GenerationResult(video, sections, mode, window)
+
+
+class DefaultSectionSampler:
+    """Samples one section with the flow-matching samplers and the transformer, as the original does."""
+
+    def __init__(self, model, settings):
+        self.model, self.settings = model, settings
+
+    def __call__(self, noise, positive, negative, on_step, interrupt):
+        s, model = self.settings, self.model
+        _, _, frames, height, width = noise.shape
+        sigmas = sigma_schedule(s.steps, token_count=frames * height * width // 4, shift=s.shift)
+        if s.teacache_threshold is not None:  # a fresh cache per section, as the original resets it
+            positive = {**positive, "cache_stream": "positive"}
+            negative = None if negative is None else {**negative, "cache_stream": "negative"}
+        denoise = make_flow_denoiser(model, positive, negative, s.cfg, s.cfg_rescale, dtype=s.dtype)
+        previous = getattr(model, "cache", None)
+        if s.teacache_threshold is not None:
+            model.cache = TeaCache(s.steps, s.teacache_threshold)
+        try:
+            return sample(s.sampler, denoise, noise, sigmas, callback=on_step, interrupt=interrupt)
+        finally:
+            if s.teacache_threshold is not None:
+                model.cache = previous
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs of one transformer call
+
+
+def _model_inputs(prompt, image_embeddings, context, settings, device):
+    """The transformer's keyword arguments for one section, moved to its device once per section."""
+    text, mask = prompt.text[:, :MAX_TEXT_TOKENS], prompt.mask
+    if mask is not None:
+        mask = mask[:, :MAX_TEXT_TOKENS]
+    guidance = torch.tensor([settings.distilled_guidance * 1000.0], dtype=settings.dtype)
+    inputs = dict(encoder_hidden_states=text, encoder_attention_mask=mask, pooled_projections=prompt.pooled,
+                  image_embeddings=image_embeddings, guidance=guidance, **context)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _section_embeddings(start, end, video_index, num_sections):
+    if end is None or num_sections == 1:
+        return start
+    return torch.lerp(start.float(), end.float(), video_index / (num_sections - 1)).to(start.dtype)
+
+
+def _device(model):
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
+
+
+def _section_ranges(schedule):
+    """(start, stop) latent frames of each section in the generated video, in temporal order."""
+    ranges = []
+    for section in sorted(schedule, key=lambda s: s.video_index):
+        start = 0 if section.joins_start else section.first_video_frame
+        ranges.append((start, section.first_video_frame + schedule.window))
+    return ranges
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _start_and_prefix(mode, start_latent, extend_latents):
+    if extend_latents is None:
+        if start_latent is None:
+            raise ValueError("generate() needs a start_latent (or extend_latents to continue a video).")
+        return start_latent, None
+    _check_latent("extend_latents", extend_latents, frames=None)
+    if mode == "forward":
+        return (extend_latents[:, :, :1] if start_latent is None else start_latent), extend_latents
+    if start_latent is not None:
+        raise ValueError("In inverted mode an extension starts from the input video's last frame; pass "
+                         "either start_latent or extend_latents, not both.")
+    return extend_latents[:, :, -1:], extend_latents[:, :, :-1]
+
+
+def _check_latent(name, latent, frames=1, like=None):
+    if not isinstance(latent, torch.Tensor) or latent.ndim != 5 or latent.shape[0] != 1:
+        shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+        raise ValueError(f"{name} must be a video latent shaped (1, channels, frames, height, width), got {shape}.")
+    if frames is not None and latent.shape[2] != frames:
+        raise ValueError(f"{name} must hold {frames} latent frame(s), got {latent.shape[2]}.")
+    if like is not None and (latent.shape[1], *latent.shape[3:]) != (like[1], *like[3:]):
+        raise ValueError(f"{name} is {tuple(latent.shape[3:])} (latent H, W) with {latent.shape[1]} channels but "
+                         f"the start latent is {tuple(like[3:])} with {like[1]}: encode both images at the "
+                         "same resolution.")
+    if not torch.isfinite(latent).all():
+        raise ValueError(f"{name} contains NaN or inf values.")
+
+
+def _check_embeddings(name, embeds, like=None):
+    if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
+        raise ValueError(f"{name} must be the CLIP vision last_hidden_state shaped (1, tokens, dim).")
+    if like is not None and embeds.shape != like.shape:
+        raise ValueError(f"{name} is {tuple(embeds.shape)} but the start image's are {tuple(like.shape)}.")
+    if not torch.isfinite(embeds).all():
+        raise ValueError(f"{name} contains NaN or inf values.")
+
+
+def _guides(schedule, shape, end_latent, keyframes):
+    """{video section index: latent placed right after that section's window}."""
+    guides = dict(keyframes or {})
+    if end_latent is not None:
+        if len(schedule) - 1 in guides:
+            raise ValueError(f"Both an end latent and a keyframe target the last section ({len(schedule) - 1}); "
+                             "give one of them.")
+        guides[len(schedule) - 1] = end_latent
+    if guides and schedule.mode != "inverted":
+        raise ValueError("End frames and keyframes need the inverted (anti-drifting) schedule: forward (F1) "
+                         "sampling never sees frames after the current section.")
+    for index, latent in guides.items():
+        if not isinstance(index, int) or not 0 <= index < len(schedule):
+            raise ValueError(f"Keyframe section {index!r} is out of range: this video has sections "
+                             f"0..{len(schedule) - 1}.")
+        _check_latent("end_latent" if latent is end_latent else f"keyframe {index}", latent, like=shape)
+    return guides
+
+
+def _check_timed_prompts(timed):
+    timed = sorted(timed, key=lambda t: t.start)
+    for t in timed:
+        if not 0 <= t.start < t.end:
+            raise ValueError(f"A timed prompt's range must satisfy 0 <= start < end, got [{t.start}, {t.end}).")
+    for a, b in zip(timed, timed[1:]):
+        if b.start < a.end:
+            raise ValueError(f"Timed prompt ranges overlap: [{a.start}, {a.end}) and [{b.start}, {b.end}).")
+    return timed
