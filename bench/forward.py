@@ -4,7 +4,8 @@
 
 1. Our FramePackTransformer vs diffusers' HunyuanVideoFramepackTransformer3DModel: same random weights,
    same inputs (one inverted-anti-drifting section), fp32, inference mode, calls interleaved ABAB so that
-   load from other processes on the machine hits both equally. Reports medians and ours/diffusers.
+   slow drift hits both alike. Reports medians and ours/diffusers. Run it on an otherwise idle machine:
+   with 2 OpenMP threads on 2 cores, any other busy process stalls every op, and not both models alike.
 2. Peak host memory of load_transformer on a bf16 MEDIUM checkpoint, measured in a fresh subprocess
    (so nothing allocated here counts), against one copy of the weights. DESIGN.md section 6.
 
@@ -67,15 +68,33 @@ def bench_forward(name, reps, tmp):
     times = {k: [] for k in calls}
     with torch.inference_mode():
         out = {k: f() for k, f in calls.items()}  # warm-up (oneDNN primitive creation, allocator)
+        busy = other_cpu_seconds()
         for _ in range(reps):
             for k, f in calls.items():  # ABAB...
                 start = time.perf_counter()
                 f()
                 times[k].append(time.perf_counter() - start)
+        busy = other_cpu_seconds() - busy
     rel_err = ((out["ours"] - out["diffusers"]).abs().max() / out["diffusers"].abs().max()).item()
     tokens = token_count(height, width, window)
-    size = f"{height}x{width} latent, window {window}: {tokens['noisy']} noisy + {tokens['clean']} clean tokens"
-    return {"size": size, **{k: statistics.median(v) for k, v in times.items()}, "rel_err": rel_err}
+    return {
+        "size": f"{height}x{width} latent, window {window}: {tokens['noisy']} noisy + {tokens['clean']} clean tokens",
+        **{k: statistics.median(v) for k, v in times.items()},
+        **{k + "_min": min(v) for k, v in times.items()},
+        # each A/B pair ran back to back under the same load, so the median of their ratios is the
+        # estimate least moved by other processes coming and going
+        "ratio": statistics.median(a / b for a, b in zip(times["ours"], times["diffusers"])),
+        "rel_err": rel_err,
+        "others": max(0.0, busy) / (sum(times["ours"]) + sum(times["diffusers"])) / os.cpu_count(),
+    }
+
+
+def other_cpu_seconds():
+    """CPU seconds used so far by everything on the machine except this process (from /proc/stat)."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    mine = os.times()
+    return busy / os.sysconf("SC_CLK_TCK") - mine.user - mine.system
 
 
 # Run in a fresh interpreter: `python bench/forward.py --load-child FILE DTYPE`.
@@ -97,9 +116,9 @@ def load_child(path, dtype):
     # converted are only read from disk when first used: touch them all to count them
     for t in (*model.parameters(), *model.buffers()):
         t.sum()
-    resident = status()[1] - base
+    rss, peak = status()
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    print(after_load, resident, weights)
+    print(after_load, peak - base, rss - base, weights)
 
 
 def bench_load(tmp):
@@ -109,8 +128,7 @@ def bench_load(tmp):
     for label, dtype in (("bf16 file -> bf16 model", "file"), ("bf16 file -> fp32 model", "float32")):
         out = subprocess.run([sys.executable, __file__, "--load-child", str(path), dtype],
                              check=True, capture_output=True, text=True).stdout.split()
-        after_load, resident, weights = map(int, out[-3:])
-        rows.append((label, file_size, weights, after_load, resident))
+        rows.append((label, file_size, *map(int, out[-4:])))
     return rows
 
 
@@ -124,8 +142,8 @@ def main():
 
     mib = 2 ** 20
     reps = {"tiny": 10 if args.quick else 40, "medium": 3 if args.quick else 9}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU, inference_mode; "
-          f"load average {os.getloadavg()[0]:.2f} (other processes on the machine skew both sides alike)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} cores, fp32 CPU, "
+          "inference_mode")
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
         for name in SIZES:
@@ -133,24 +151,31 @@ def main():
             print(f"  {name}: {results[name]['size']}, {reps[name]} reps each after warm-up")
         load_rows = bench_load(tmp)
 
-    print("\nForward, median seconds")
-    print(f"{'config':<8} {'ours':>10} {'diffusers':>10} {'ours/diff':>10} {'max rel err':>12}")
+    print("\nForward, seconds (ratio: median over back-to-back pairs of ours/diffusers)")
+    print(f"{'config':<8} {'ours med':>9} {'diff med':>9} {'ours min':>9} {'diff min':>9} {'ratio':>6} "
+          f"{'max rel err':>12} {'other load':>11}")
     for name, r in results.items():
-        print(f"{name:<8} {r['ours']:>10.4f} {r['diffusers']:>10.4f} {r['ours'] / r['diffusers']:>10.2f} "
-              f"{r['rel_err']:>12.1e}")
+        print(f"{name:<8} {r['ours']:>9.4f} {r['diffusers']:>9.4f} {r['ours_min']:>9.4f} {r['diffusers_min']:>9.4f} "
+              f"{r['ratio']:>6.2f} {r['rel_err']:>12.1e} {r['others']:>10.0%}")
+    print("other load: CPU that other processes used while timing, as a share of all cores")
+    if any(r["others"] > 0.1 for r in results.values()):
+        print("WARNING: other processes were busy; the OpenMP threads wait on them, so times AND ratios are "
+              "unreliable. Rerun on a quiet machine.")
 
     print("\nHost memory loading MEDIUM (fresh subprocess; MiB of peak RSS above the post-import baseline)")
     print("one copy = the loaded model's parameter + buffer bytes")
-    print(f"{'case':<24} {'file':>7} {'one copy':>9} {'peak in load':>13} {'peak, weights resident':>23}")
-    for label, file_size, weights, after_load, resident in load_rows:
+    print("peak in load: during load_transformer only; peak: also touching every weight once (safetensors may "
+          "map the file lazily); kept: RSS at the end")
+    print(f"{'case':<24} {'file':>7} {'one copy':>9} {'peak in load':>13} {'peak':>7} {'kept':>7}")
+    for label, file_size, after_load, peak, kept, weights in load_rows:
         print(f"{label:<24} {file_size / mib:>7.1f} {weights / mib:>9.1f} {after_load / mib:>13.1f} "
-              f"{resident / mib:>23.1f}")
+              f"{peak / mib:>7.1f} {kept / mib:>7.1f}")
 
     print("\nRatios")
     for name, r in results.items():
-        print(f"  forward {name:<7} ours / diffusers            {r['ours'] / r['diffusers']:.2f}")
-    for label, file_size, weights, after_load, resident in load_rows:
-        print(f"  load {label}: peak / file {resident / file_size:.2f}, peak / one copy {resident / weights:.2f}")
+        print(f"  forward {name:<7} ours / diffusers            {r['ratio']:.2f}")
+    for label, file_size, after_load, peak, kept, weights in load_rows:
+        print(f"  load {label}: peak / file {peak / file_size:.2f}, peak / one copy {peak / weights:.2f}")
 
 
 if __name__ == "__main__":
