@@ -504,3 +504,14 @@ def _prefix_lengths(mask):
     if (lengths == 0).any():
         raise ValueError("A text prompt has no valid tokens (its attention mask is all zero).")
     return lengths.tolist()
+
+
+def section_memory_bytes(config, tokens, dtype=torch.bfloat16, text_tokens=512 + 729):
+    """Rough peak activation memory of one transformer call over ``tokens`` latent tokens.
+
+    The widest tensors live in a single-stream block: attention q/k/v/out and the MLP hidden state for
+    every token, plus the residual stream; attention itself runs in a memory-efficient kernel.
+    """
+    n = tokens + text_tokens
+    width = 6 * config.inner_dim + 2 * config.mlp_dim
+    return int(n * width * torch.empty((), dtype=dtype).element_size() * 1.5)

@@ -59,7 +59,8 @@ class GenerationResult:
 
 def generate(model, schedule, start_latent, image_embeddings, prompt, negative=None, settings=SamplingSettings(),
              *, end_latent=None, end_image_embeddings=None, keyframes=None, timed_prompts=(),
-             extend_latents=None, fps=30.0, sample_section=None, on_step=None, on_section=None, interrupt=None):
+             extend_latents=None, fps=30.0, sample_section=None, on_step=None, on_section=None, interrupt=None,
+             device=None):
     """Generate a video's latents section by section.
 
     start_latent: (1, C, 1, H, W). image_embeddings: SigLIP last_hidden_state (1, 729, 1152) of the start
@@ -76,6 +77,8 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
         sampler (``DefaultSectionSampler``); positive/negative are the transformer's keyword arguments.
     on_step(section_position, num_sections, step, steps, x0): after every sampler step.
     on_section(section, video_latents_so_far): after every section. interrupt(): raises to stop.
+    device: where the transformer runs (default: where its first weight is; pass it when the model is
+        partially loaded, e.g. by ComfyUI's low-VRAM mode).
     """
     mode, window = schedule.mode, schedule.window
     start_latent, prefix = _start_and_prefix(mode, start_latent, extend_latents)
@@ -89,7 +92,7 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
     sample_section = sample_section or DefaultSectionSampler(model, settings)
     negative = negative if settings.cfg != 1.0 else None
 
-    device = _device(model)
+    device = torch.device(device) if device is not None else _device(model)
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     history = schedule.initial_history(start_latent)
     if mode == "forward" and prefix is not None:

@@ -1,4 +1,29 @@
 """ComfyUI nodes of the FramePack pack. Thin glue: all math lives in ``framepack_core``."""
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+from .decode import FramePackDecode, FramePackDecodeToVideo
+from .helpers import FramePackKeyframe, FramePackResolutionBucket, FramePackTimedPrompt
+from .model import FramePackModelLoader
+from .sampler import FramePackSampler
+from .schedule import FramePackSchedule
+
+NODE_CLASS_MAPPINGS = {
+    "FramePackModelLoader": FramePackModelLoader,
+    "FramePackSchedule": FramePackSchedule,
+    "FramePackSampler": FramePackSampler,
+    "FramePackDecode": FramePackDecode,
+    "FramePackDecodeToVideo": FramePackDecodeToVideo,
+    "FramePackResolutionBucket": FramePackResolutionBucket,
+    "FramePackKeyframe": FramePackKeyframe,
+    "FramePackTimedPrompt": FramePackTimedPrompt,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FramePackModelLoader": "FramePack Model Loader",
+    "FramePackSchedule": "FramePack Schedule",
+    "FramePackSampler": "FramePack Sampler",
+    "FramePackDecode": "FramePack Decode",
+    "FramePackDecodeToVideo": "FramePack Decode To Video",
+    "FramePackResolutionBucket": "FramePack Resolution Bucket",
+    "FramePackKeyframe": "FramePack Keyframe",
+    "FramePackTimedPrompt": "FramePack Timed Prompt",
+}

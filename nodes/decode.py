@@ -1,0 +1,90 @@
+"""Section-wise VAE decoding nodes: to an IMAGE batch, or streamed straight into an mp4 file."""
+
+import os
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+from ..framepack_core.decode import TensorSink, VideoFileSink, decode_sections, section_ranges
+
+
+def sections_of(latent, window):
+    """(samples, mode, window, sections) of a LATENT, from the sampler's boundaries when it carries them."""
+    samples = latent["samples"]
+    if samples.ndim != 5 or samples.shape[0] != 1:
+        raise ValueError(f"Expected the latents of one video (1, 16, T, h, w), got {tuple(samples.shape)}.")
+    if "framepack_sections" in latent:
+        return samples, latent["framepack_mode"], latent["framepack_window"], latent["framepack_sections"]
+    frames = samples.shape[2]
+    if (frames - 1) % window:
+        raise ValueError(f"This LATENT has {frames} frames and no FramePack section boundaries; connect it straight "
+                         f"from FramePack Sampler, or set window so that frames = 1 + sections x window.")
+    return samples, "forward", window, section_ranges("forward", (frames - 1) // window, window)
+
+
+def decode_with_vae(vae, samples, mode, window, sections, sink):
+    pbar = comfy.utils.ProgressBar(len(sections))
+
+    def progress(done, total):
+        mm.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(done, total)
+
+    return decode_sections(samples, mode, window, sections, vae.decode, sink=sink, progress=progress)
+
+
+DECODE_INPUTS = {
+    "samples": ("LATENT", {"tooltip": "Video latents from FramePack Sampler."}),
+    "vae": ("VAE", {"tooltip": "The HunyuanVideo VAE (hunyuan_video_vae_bf16)."}),
+}
+WINDOW_INPUT = ("INT", {"default": 9, "min": 1, "max": 33, "tooltip": "Only for latents without section "
+                        "boundaries (not straight from FramePack Sampler): latent frames per section."})
+
+
+class FramePackDecode:
+    DESCRIPTION = ("Decodes FramePack video latents section by section with the original's overlapping "
+                   "cross-fade, so VAE memory stays that of one section however long the video.")
+    CATEGORY = "FramePack"
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("All frames of the video as an image batch.",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": dict(DECODE_INPUTS), "optional": {"window": WINDOW_INPUT}}
+
+    def decode(self, samples, vae, window=9):
+        samples, mode, window, sections = sections_of(samples, window)
+        return (decode_with_vae(vae, samples, mode, window, sections, TensorSink()),)
+
+
+class FramePackDecodeToVideo:
+    DESCRIPTION = ("Decodes FramePack video latents section by section and writes each finished chunk of frames "
+                   "straight into an mp4 in the output folder, so a long video never sits in RAM as frames.")
+    CATEGORY = "FramePack"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("Path of the written mp4.",)
+    OUTPUT_NODE = True
+    FUNCTION = "write"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            **DECODE_INPUTS,
+            "filename_prefix": ("STRING", {"default": "FramePack", "tooltip": "Name prefix under the output folder."}),
+            "fps": ("FLOAT", {"default": 30.0, "min": 1.0, "max": 120.0, "tooltip": "Frame rate of the file."}),
+            "crf": ("INT", {"default": 16, "min": 0, "max": 51, "tooltip": "H.264 quality: lower is better, larger."}),
+        }, "optional": {"window": WINDOW_INPUT}}
+
+    def write(self, samples, vae, filename_prefix, fps, crf, window=9):
+        samples, mode, window, sections = sections_of(samples, window)
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory())
+        file = f"{name}_{counter:05}_.mp4"
+        with VideoFileSink(os.path.join(folder, file), fps=fps, crf=crf) as sink:
+            decode_with_vae(vae, samples, mode, window, sections, sink)
+        path, frames = sink.result()
+        print(f"[FramePack] wrote {path} ({frames} frames)")
+        return {"ui": {"images": [{"filename": file, "subfolder": subfolder, "type": "output"}], "animated": (True,)},
+                "result": (str(path),)}

@@ -1,0 +1,141 @@
+"""The anti-drift sampler node: a whole FramePack generation from ComfyUI's standard inputs."""
+
+import logging
+
+import comfy.model_management as mm
+import comfy.utils
+import latent_preview
+import torch
+
+from ..framepack_core.model import section_memory_bytes
+from ..framepack_core.pipeline import Prompt, SamplingSettings, TimedPrompt, generate
+from ..framepack_core.sampling import SAMPLERS
+
+
+def prompt_from_conditioning(conditioning, name, config):
+    """Our Prompt from ComfyUI CONDITIONING ([[hidden states, {"pooled_output": ...}]])."""
+    if not conditioning:
+        raise ValueError(f"{name} conditioning is empty.")
+    if len(conditioning) != 1:
+        raise ValueError(f"{name} conditioning has {len(conditioning)} entries (combined prompts); FramePack takes "
+                         "one prompt per range: use FramePack Timed Prompt for prompts that change over time.")
+    text, extras = conditioning[0]
+    pooled = extras.get("pooled_output")
+    if pooled is None or text.shape[-1] != config.text_dim:
+        raise ValueError(f"{name} conditioning is not HunyuanVideo text ({tuple(text.shape)}, pooled "
+                         f"{None if pooled is None else tuple(pooled.shape)}): encode it with DualCLIPLoader "
+                         f"type 'hunyuan_video' (llava_llama3 + clip_l), which gives {config.text_dim}-wide states.")
+    return Prompt(text[:1].float(), pooled[:1].float(), extras.get("attention_mask"))
+
+
+def image_embeddings(clip_vision_output, name, config):
+    if clip_vision_output is None:
+        raise ValueError(f"{name} image embeddings are missing: encode the image with CLIPVisionEncode using "
+                         "sigclip_vision_patch14_384.")
+    states = clip_vision_output["last_hidden_state"]
+    if states.shape[-1] != config.image_dim:
+        raise ValueError(f"{name} image embeddings are {states.shape[-1]} wide but the model expects "
+                         f"{config.image_dim}: use the SigLIP vision model sigclip_vision_patch14_384.")
+    return states[:1].float()
+
+
+def video_latent(latent, name, scale):
+    """Model-space latent (1, C, T, h, w) from a ComfyUI LATENT."""
+    samples = latent["samples"]
+    if samples.ndim != 5:
+        raise ValueError(f"{name} is not a video latent ({tuple(samples.shape)}): encode the image with VAEEncode "
+                         "and the HunyuanVideo VAE.")
+    if samples.shape[0] != 1:
+        raise ValueError(f"{name} holds a batch of {samples.shape[0]}; FramePack generates one video at a time.")
+    return samples.float() * scale
+
+
+class FramePackSampler:
+    DESCRIPTION = ("Generates a video section by section with FramePack: the start image conditions every "
+                   "section through packed 1x/2x/4x context, sampled in the schedule's order.")
+    CATEGORY = "FramePack"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The video latents (start frame first). They carry their section boundaries for "
+                       "FramePack Decode.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "From FramePack Model Loader (FramePackI2V_HY for inverted, F1 for forward)."}),
+            "positive": ("CONDITIONING", {"tooltip": "Prompt encoded by CLIPTextEncode with DualCLIPLoader "
+                         "(hunyuan_video)."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative prompt; only used when cfg is not 1."}),
+            "start_image_embeds": ("CLIP_VISION_OUTPUT", {"tooltip": "CLIPVisionEncode of the start image with "
+                                   "sigclip_vision_patch14_384."}),
+            "start_latent": ("LATENT", {"tooltip": "VAEEncode of the start image (HunyuanVideo VAE)."}),
+            "schedule": ("FRAMEPACK_SCHEDULE", {"tooltip": "From FramePack Schedule: length, order and context."}),
+            "steps": ("INT", {"default": 25, "min": 1, "max": 200, "tooltip": "Sampling steps per section."}),
+            "seed": ("INT", {"default": 31337, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "One seed for the whole video; the same seed gives the same video."}),
+            "distilled_guidance": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 32.0, "step": 0.1,
+                                   "tooltip": "Embedded (distilled) guidance scale; 10 is the original's default."}),
+            "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 32.0, "step": 0.1, "tooltip": "Real "
+                    "classifier-free guidance; above 1 it also runs the negative prompt (twice the time)."}),
+            "cfg_rescale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                            "tooltip": "Rescale guided predictions toward the positive's std (counters burn)."}),
+            "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Sigma shift; "
+                      "0 derives it from the section's token count, as the original does."}),
+            "sampler": (list(SAMPLERS), {"default": "unipc_bh1", "tooltip": "unipc_bh1 is the original's sampler."}),
+            "teacache": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "TeaCache "
+                         "threshold: skips steps whose input barely changed. 0.15 about 2x faster, 0.1 about "
+                         "1.6x; 0 turns it off (best hands and fine detail)."}),
+        }, "optional": {
+            "end_image_embeds": ("CLIP_VISION_OUTPUT", {"tooltip": "End image's CLIPVisionEncode: each section's "
+                                 "image embedding moves from the start's to the end's."}),
+            "end_latent": ("LATENT", {"tooltip": "End image's VAEEncode (inverted mode): the video leads into it."}),
+            "keyframes": ("FRAMEPACK_KEYFRAMES", {"tooltip": "From FramePack Keyframe (inverted mode)."}),
+            "timed_prompts": ("FRAMEPACK_PROMPTS", {"tooltip": "From FramePack Timed Prompt: prompts per time range."}),
+            "extend_latent": ("LATENT", {"tooltip": "A video's latents to continue (VAEEncode of its frames). "
+                              "Forward mode continues after it; inverted starts from its last frame."}),
+        }}
+
+    def sample(self, model, positive, negative, start_image_embeds, start_latent, schedule, steps, seed,
+               distilled_guidance, cfg, cfg_rescale, shift, sampler, teacache, end_image_embeds=None,
+               end_latent=None, keyframes=None, timed_prompts=None, extend_latent=None):
+        transformer = model.model.diffusion_model
+        config, fmt = transformer.config, model.model.latent_format
+        plan = schedule.build(config.clean_kernels)
+        scale = fmt.scale_factor
+        start = video_latent(start_latent, "start_latent", scale)
+        if start.shape[2] != 1:
+            raise ValueError(f"start_latent has {start.shape[2]} latent frames; encode a single start image.")
+        extend = None if extend_latent is None else video_latent(extend_latent, "extend_latent", scale)
+        if extend is not None and plan.mode == "inverted":
+            logging.warning("[FramePack] inverted extension starts from the last frame of extend_latent; "
+                            "start_latent is not used (start_image_embeds should show that last frame).")
+        settings = SamplingSettings(steps=steps, seed=seed, distilled_guidance=distilled_guidance, cfg=cfg,
+                                    cfg_rescale=cfg_rescale, shift=shift or None, sampler=sampler,
+                                    teacache_threshold=teacache or None, dtype=transformer.compute_dtype)
+
+        height, width = start.shape[-2:]
+        tokens = plan.token_budget(height, width).total_tokens
+        mm.load_models_gpu([model], memory_required=section_memory_bytes(config, tokens, transformer.compute_dtype))
+        total = len(plan) * steps
+        pbar = comfy.utils.ProgressBar(total)
+        previewer = latent_preview.get_previewer(model.load_device, fmt)
+
+        def on_step(section, sections, step, section_steps, x0):
+            preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
+            pbar.update_absolute(section * section_steps + step + 1, total, preview)
+
+        result = generate(
+            transformer, plan, None if extend is not None and plan.mode == "inverted" else start,
+            image_embeddings(start_image_embeds, "start", config),
+            prompt_from_conditioning(positive, "positive", config),
+            prompt_from_conditioning(negative, "negative", config) if cfg != 1.0 else None,
+            settings,
+            end_latent=None if end_latent is None else video_latent(end_latent, "end_latent", scale),
+            end_image_embeddings=None if end_image_embeds is None else image_embeddings(end_image_embeds, "end", config),
+            keyframes={k: v * scale for k, v in (keyframes or {}).items()},
+            timed_prompts=[TimedPrompt(prompt_from_conditioning(c, "timed", config), a, b)
+                           for c, a, b in (timed_prompts or [])],
+            extend_latents=extend, fps=schedule.fps, on_step=on_step,
+            interrupt=mm.throw_exception_if_processing_interrupted, device=model.load_device)
+        return ({"samples": result.latents / scale, "framepack_sections": result.sections,
+                 "framepack_mode": result.mode, "framepack_window": result.window},)
