@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import diffusers_reference, relative_error, run_reference
+from oracle import diffusers_reference, relative_error, run_reference
 from framepack_core.loading import CheckpointError, load_transformer, read_key_shapes
 from framepack_core.ops import CastOps, TorchOps
 from framepack_core.synthetic import MEDIUM, TINY, random_state_dict, save_diffusers_folder, save_single_file, section_inputs

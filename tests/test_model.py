@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import relative_error, run_reference
+from oracle import relative_error, run_reference
 from framepack_core.loading import load_transformer
 from framepack_core.model import FramePackTransformer
 from framepack_core.ops import CastOps, TorchOps

@@ -73,7 +73,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-from conftest import diffusers_reference, relative_error
+from oracle import diffusers_reference, relative_error
 from framepack_core.loading import load_transformer
 from framepack_core.packing import make_schedule
 from framepack_core.pipeline import DefaultSectionSampler, Prompt, SamplingSettings, generate
