@@ -94,7 +94,9 @@ def _safetensors_files(path):
 
 def _check_not_pickle(file):
     with open(file, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
+    if head[8:9] == b"{":  # safetensors: 8-byte little-endian header length (any first bytes), then JSON
+        return
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise CheckpointError(
             f"{file.name} is a pickled PyTorch checkpoint, not safetensors. Pickles can run arbitrary code and are "

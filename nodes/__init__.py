@@ -2,12 +2,14 @@
 
 from .decode import FramePackDecode, FramePackDecodeToVideo
 from .helpers import FramePackKeyframe, FramePackResolutionBucket, FramePackTimedPrompt
+from .lora import FramePackLoraLoader
 from .model import FramePackModelLoader
 from .sampler import FramePackSampler
 from .schedule import FramePackSchedule
 
 NODE_CLASS_MAPPINGS = {
     "FramePackModelLoader": FramePackModelLoader,
+    "FramePackLoraLoader": FramePackLoraLoader,
     "FramePackSchedule": FramePackSchedule,
     "FramePackSampler": FramePackSampler,
     "FramePackDecode": FramePackDecode,
@@ -19,6 +21,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FramePackModelLoader": "FramePack Model Loader",
+    "FramePackLoraLoader": "FramePack LoRA Loader",
     "FramePackSchedule": "FramePack Schedule",
     "FramePackSampler": "FramePack Sampler",
     "FramePackDecode": "FramePack Decode",

@@ -85,7 +85,7 @@ def load_framepack(path, weight_dtype="auto", attention="auto"):
                                            fp8_optimizations=weight_dtype == "fp8_e4m3fn_fast")
     transformer = load_transformer(path, compute_dtype=compute, storage_dtype=storage, operations=operations,
                                    attention_backend=attention, device=offload_device)
-    config = FramePackModelConfig({})
+    config = FramePackModelConfig(FramePackModelConfig.unet_config)  # BASE() sets unet_config from its argument
     config.set_inference_dtype(storage, None if compute == storage else compute)
     model = FramePackModel(transformer, config, device=offload_device)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)

@@ -21,7 +21,7 @@ def prompt_from_conditioning(conditioning, name, config):
                          "one prompt per range: use FramePack Timed Prompt for prompts that change over time.")
     text, extras = conditioning[0]
     pooled = extras.get("pooled_output")
-    if pooled is None or text.shape[-1] != config.text_dim:
+    if pooled is None or text.shape[-1] != config.text_dim or pooled.shape[-1] != config.pooled_dim:
         raise ValueError(f"{name} conditioning is not HunyuanVideo text ({tuple(text.shape)}, pooled "
                          f"{None if pooled is None else tuple(pooled.shape)}): encode it with DualCLIPLoader "
                          f"type 'hunyuan_video' (llava_llama3 + clip_l), which gives {config.text_dim}-wide states.")

@@ -170,6 +170,20 @@ def test_pickle_is_never_unpickled(tiny_state, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("first_bytes", [b"\x80", b"PK"])
+def test_safetensors_header_length_that_starts_like_a_pickle(tmp_path, first_bytes):
+    # a safetensors file starts with its header length (8 bytes, little endian): 0x..80 or 0x..4b50 are as
+    # valid as any other, and must not be taken for a pickle's magic bytes
+    path = tmp_path / "model.safetensors"
+    for pad in range(0, 20000, 8):
+        save_file({"x": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[:len(first_bytes)] == first_bytes:
+            break
+    else:
+        pytest.fail(f"found no header length starting with {first_bytes!r}")
+    assert read_key_shapes(path) == {"x": ((2,), "F32")}
+
+
 def test_folder_of_pickles(tmp_path):
     torch.save({}, tmp_path / "diffusion_pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pickle files \\(diffusion_pytorch_model.bin\\)"):

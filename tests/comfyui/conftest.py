@@ -52,6 +52,9 @@ def comfy(tmp_path_factory):
     args.cpu = True
     args.disable_all_custom_nodes = True  # only this pack, loaded explicitly below
     import comfy.model_management  # noqa: F401  (reads args.cpu at import)
+    # As main.py does: ComfyUI's utils package must be imported before `nodes` puts comfy/ (which has a
+    # utils.py) first on sys.path, or comfy_extras modules that import `server` fail (e.g. ImageFromBatch).
+    import utils.install_util  # noqa: F401
     import folder_paths
     import nodes
 

@@ -1,7 +1,8 @@
 """The pack loads through ComfyUI's custom-node loader and registers every node with tooltips."""
 
 EXPECTED = {"FramePackModelLoader", "FramePackSchedule", "FramePackSampler", "FramePackDecode",
-            "FramePackDecodeToVideo", "FramePackResolutionBucket", "FramePackKeyframe", "FramePackTimedPrompt"}
+            "FramePackDecodeToVideo", "FramePackResolutionBucket", "FramePackKeyframe", "FramePackTimedPrompt",
+            "FramePackLoraLoader"}
 
 
 def test_pack_registers_its_nodes(comfy):
