@@ -1,0 +1,248 @@
+"""Every example workflow is well formed and passes ComfyUI's own prompt validation.
+
+example_workflows/*.json are in the frontend's (litegraph) format, which ComfyUI's server never sees:
+the frontend turns a graph into an API prompt ({node id: {"class_type", "inputs"}}) before queueing it.
+ComfyUI has no Python version of that conversion, so ``to_api`` below does what the frontend does:
+widget values are assigned, in order, to the node's widget inputs (required, then optional, as
+INPUT_TYPES lists them), skipping the values of the frontend-only widgets (the control_after_generate
+combo after a seed, the upload button after an image/video file), and linked inputs become
+[source node id, output slot]. The prompt then goes through ``execution.validate_prompt`` with
+placeholder model and input files named as the workflows reference them.
+"""
+
+import asyncio
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
+FRONTEND_ONLY = {"Note", "MarkdownNote"}  # UI-only nodes, never sent to the server
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload")
+
+# The only file names the example workflows may use: the ones the README tells users to download.
+MODEL_FILES = {
+    "diffusion_models": ["FramePackI2V_HY_bf16.safetensors", "FramePack_F1_I2V_HY_20250503_bf16.safetensors"],
+    "text_encoders": ["clip_l.safetensors", "llava_llama3_fp16.safetensors"],
+    "clip_vision": ["sigclip_vision_patch14_384.safetensors"],
+    "vae": ["hunyuan_video_vae_bf16.safetensors"],
+    "upscale_models": ["RealESRGAN_x2plus.pth"],
+}
+INPUT_FILES = ["example.png", "end_frame.png", "keyframe_1.png", "keyframe_2.png", "input_video.mp4"]
+EXPECTED_WORKFLOWS = {"image_to_video", "f1_forward", "start_end_frame", "keyframes_timed_prompts",
+                      "extend_video", "upscale"}
+
+
+def load(path):
+    return json.loads(Path(path).read_text())
+
+
+def input_specs(cls):
+    """[(name, type, options)] of a node class in INPUT_TYPES order (required, then optional)."""
+    specs = []
+    for section in ("required", "optional"):
+        for name, value in cls.INPUT_TYPES().get(section, {}).items():
+            kind, options = value[0], (value[1] if len(value) > 1 else {})
+            if isinstance(kind, (list, tuple)):
+                kind = "COMBO"
+            specs.append((name, kind, options))
+    return specs
+
+
+def is_widget(kind, options):
+    return kind in WIDGET_TYPES and not options.get("forceInput")
+
+
+def output_types(cls):
+    return list(cls.RETURN_TYPES)
+
+
+def to_api(workflow, classes):
+    """The API prompt the frontend would queue for a UI-format workflow."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in (2, 4):  # notes, muted, bypassed
+            continue
+        cls = classes[node["type"]]
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        for name, kind, options in input_specs(cls):
+            if not is_widget(kind, options):
+                continue
+            assert values, f"node {node['id']} ({node['type']}): no widget value left for {name!r}"
+            inputs[name] = values.pop(0)
+            if options.get("control_after_generate"):
+                control = values.pop(0) if values else None
+                assert control in CONTROL_VALUES, (
+                    f"node {node['id']} ({node['type']}): {name!r} must be followed by its control_after_generate "
+                    f"value, got {control!r}")
+            if any(options.get(key) for key in UPLOAD_OPTIONS):
+                values.pop(0)  # the upload button's value
+        assert not values, f"node {node['id']} ({node['type']}): {len(values)} widget values too many: {values}"
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                inputs[slot["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def check_well_formed(workflow, classes):
+    """Links join existing nodes and slots, both ends agree, and slot types match the node definitions."""
+    assert workflow.get("version") == 0.4
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    assert len(nodes) == len(workflow["nodes"]), "duplicate node ids"
+    assert workflow["last_node_id"] >= max(nodes)
+    links = {}
+    for link in workflow["links"]:
+        assert len(link) == 6, link
+        assert link[0] not in links, f"duplicate link id {link[0]}"
+        links[link[0]] = link
+    if links:
+        assert workflow["last_link_id"] >= max(links)
+    for link_id, origin, origin_slot, target, target_slot, kind in links.values():
+        assert origin in nodes and target in nodes, f"link {link_id} joins a missing node"
+        source, dest = nodes[origin], nodes[target]
+        assert origin_slot < len(source["outputs"]), f"link {link_id}: {source['type']} has no output {origin_slot}"
+        assert target_slot < len(dest["inputs"]), f"link {link_id}: {dest['type']} has no input {target_slot}"
+        output, input_ = source["outputs"][origin_slot], dest["inputs"][target_slot]
+        assert link_id in output["links"], f"link {link_id} missing from {source['type']} output {origin_slot}"
+        assert input_["link"] == link_id, f"link {link_id} missing from {dest['type']} input {input_['name']}"
+        assert output["type"] == kind == input_["type"], (
+            f"link {link_id}: {source['type']}.{output['name']} ({output['type']}) -> "
+            f"{dest['type']}.{input_['name']} ({input_['type']}), link says {kind}")
+    for node in nodes.values():
+        for output in node.get("outputs", []):
+            for link_id in output.get("links") or []:
+                assert links[link_id][1] == node["id"], f"{node['type']} lists link {link_id} it is not the origin of"
+        for input_ in node.get("inputs", []):
+            if input_.get("link") is not None:
+                assert links[input_["link"]][3] == node["id"]
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        assert node["type"] in classes, f"unknown node type {node['type']}"
+        cls = classes[node["type"]]
+        assert [o["type"] for o in node["outputs"]] == output_types(cls), f"{node['type']} outputs"
+        specs = {name: (kind, options) for name, kind, options in input_specs(cls)}
+        for input_ in node.get("inputs", []):
+            if input_["type"] == "IMAGEUPLOAD":  # the frontend's upload button of an image/video loader
+                assert input_.get("link") is None
+                continue
+            assert input_["name"] in specs, f"{node['type']} has no input {input_['name']}"
+            kind, options = specs[input_["name"]]
+            assert input_["type"] == kind, f"{node['type']}.{input_['name']}: {input_['type']} != {kind}"
+            if is_widget(kind, options):
+                assert input_.get("widget") == {"name": input_["name"]}, f"{node['type']}.{input_['name']}"
+
+
+@pytest.fixture(scope="module")
+def files(comfy):
+    """Placeholder model files and input files with the names the workflows use (validation checks names)."""
+    import folder_paths
+
+    written = []
+    for kind, names in MODEL_FILES.items():
+        for name in names:
+            path = comfy.models / kind / name
+            path.write_bytes(b"")
+            written.append(path)
+    old_input = folder_paths.get_input_directory()
+    input_dir = comfy.models.parent / (comfy.models.name + "_input")
+    input_dir.mkdir(exist_ok=True)
+    for name in INPUT_FILES:
+        (input_dir / name).write_bytes(b"")
+    folder_paths.set_input_directory(str(input_dir))
+    yield comfy
+    folder_paths.set_input_directory(old_input)
+    for path in written:
+        path.unlink()
+
+
+def validate(prompt):
+    import execution
+
+    return asyncio.run(execution.validate_prompt("example-workflow-test", prompt, None))
+
+
+def test_the_example_workflows_are_there():
+    assert {p.stem for p in WORKFLOWS} == EXPECTED_WORKFLOWS
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_is_well_formed(comfy, path):
+    check_well_formed(load(path), comfy.nodes.NODE_CLASS_MAPPINGS)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_passes_comfyui_validation(files, path):
+    workflow = load(path)
+    prompt = to_api(workflow, files.nodes.NODE_CLASS_MAPPINGS)
+    valid, error, good_outputs, node_errors = validate(prompt)
+    assert valid, (error, node_errors)
+    assert not node_errors, node_errors
+    outputs = {i for i, n in prompt.items() if getattr(files.nodes.NODE_CLASS_MAPPINGS[n["class_type"]],
+                                                        "OUTPUT_NODE", False)}
+    assert outputs and set(good_outputs) == outputs
+    assert {n["class_type"] for n in prompt.values()} & set(files.pack), "uses no FramePack node"
+
+
+def test_workflows_use_only_documented_files():
+    readme = (ROOT / "README.md").read_text()
+    names = {n for names in MODEL_FILES.values() for n in names}
+    for name in names:
+        assert name in readme, f"{name} is not in the README"
+    for path in WORKFLOWS:
+        used = {v for node in load(path)["nodes"] for v in node.get("widgets_values") or []
+                if isinstance(v, str) and v.endswith((".safetensors", ".pth"))}
+        assert used <= names, f"{path.name} uses {used - names}"
+
+
+def mutate(workflow, classes, node_type, change):
+    """A copy of workflow with change(node, workflow) applied to its first node of node_type."""
+    broken = copy.deepcopy(workflow)
+    node = next(n for n in broken["nodes"] if n["type"] == node_type)
+    change(node, broken)
+    return broken
+
+
+def test_validation_fails_on_broken_workflows(files):
+    """The checks above have teeth: typical mistakes in a workflow make them fail."""
+    classes = files.nodes.NODE_CLASS_MAPPINGS
+    workflow = load(ROOT / "example_workflows" / "image_to_video.json")
+    assert validate(to_api(workflow, classes))[0]
+
+    def rename_vae(node, wf):
+        node["widgets_values"][0] = "hunyuan_video_vae_fp32.safetensors"
+
+    def drop_seed_control(node, wf):  # widget values shifted by one, as when the control value is forgotten
+        index = node["widgets_values"].index("fixed")
+        del node["widgets_values"][index]
+
+    def latent_into_embeds(node, wf):  # the start latent wired into the image-embeddings input
+        embeds = next(i for i in node["inputs"] if i["name"] == "start_image_embeds")
+        latent = next(i for i in node["inputs"] if i["name"] == "start_latent")
+        latent_link = next(link for link in wf["links"] if link[0] == latent["link"])
+        embeds_link = next(link for link in wf["links"] if link[0] == embeds["link"])
+        embeds_link[1:3] = latent_link[1:3]
+
+    def bad_mode(node, wf):
+        node["widgets_values"][0] = "backward"
+
+    def steps_too_many(node, wf):
+        node["widgets_values"][0] = 5000
+
+    for node_type, change in [("VAELoader", rename_vae), ("FramePackSchedule", bad_mode),
+                              ("FramePackSampler", steps_too_many), ("FramePackSampler", latent_into_embeds)]:
+        broken = mutate(workflow, classes, node_type, change)
+        valid, _, _, node_errors = validate(to_api(broken, classes))
+        assert not valid and node_errors, f"{change.__name__} went unnoticed"
+
+    with pytest.raises(AssertionError, match="control_after_generate|too many|no widget value"):
+        to_api(mutate(workflow, classes, "FramePackSampler", drop_seed_control), classes)
+    with pytest.raises(AssertionError, match="link"):
+        check_well_formed(mutate(workflow, classes, "FramePackSampler", latent_into_embeds), classes)
