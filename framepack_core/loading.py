@@ -8,6 +8,7 @@ unpickled.
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -240,14 +241,13 @@ def load_transformer(path, compute_dtype=None, storage_dtype=None, operations=No
 
     stored = [SAFETENSORS_DTYPES.get(d, torch.float32) for k, (_, d) in shapes.items() if k.startswith(prefix)]
     compute_dtype = compute_dtype or _compute_dtype_for(stored)
-    state = {}  # read and convert one tensor at a time: peak host memory stays near one copy
-    for file in files:
+    state = {}
+    for file, keys in _read_batches(files, shapes, prefix):
         with _open(file) as f:
-            for key in f.keys():
-                if key.startswith(prefix):
-                    tensor = f.get_tensor(key)
-                    name = key[len(prefix):]
-                    state[name] = tensor.to(_storage_dtype(name, tensor, storage_dtype, compute_dtype, fp32_output))
+            for key in keys:
+                tensor = f.get_tensor(key)
+                name = key[len(prefix):]
+                state[name] = tensor.to(_storage_dtype(name, tensor, storage_dtype, compute_dtype, fp32_output))
     if operations is None:
         uniform = all(t.dtype == compute_dtype for k, t in state.items() if not k.startswith("proj_out."))
         operations = TorchOps if uniform else CastOps
@@ -259,6 +259,32 @@ def load_transformer(path, compute_dtype=None, storage_dtype=None, operations=No
     if result.unexpected_keys or result.missing_keys:
         raise CheckpointError(_key_report(result))
     return model.to(device).eval().requires_grad_(False)
+
+
+def _read_batches(files, shapes, prefix, batches=16):
+    """(file, keys) batches of about 1/``batches`` of the checkpoint each.
+
+    safetensors maps the file; tensors read without a dtype change stay views of that map (one copy), but
+    when they are converted the mapped pages would stay resident until the file is closed. Closing and
+    reopening it every batch keeps host memory near one copy of the converted weights.
+    """
+    def nbytes(key):
+        shape, dtype = shapes[key]
+        return math.prod(shape) * torch.empty((), dtype=SAFETENSORS_DTYPES.get(dtype, torch.float32)).element_size()
+
+    batch_bytes = sum(nbytes(k) for k in shapes if k.startswith(prefix)) / batches
+    for file in files:
+        with _open(file) as f:
+            keys = [k for k in f.keys() if k.startswith(prefix)]
+        batch, size = [], 0
+        for key in keys:
+            batch.append(key)
+            size += nbytes(key)
+            if size >= batch_bytes:
+                yield file, batch
+                batch, size = [], 0
+        if batch:
+            yield file, batch
 
 
 def _storage_dtype(key, tensor, storage_dtype, compute_dtype, fp32_output):
