@@ -306,7 +306,7 @@ def test_partial_lowvram_load_gives_the_full_load_result(comfy, pack, checkpoint
 # 4. mistakes surface as clear errors
 
 
-def fake_checkpoint(kind):
+def lookalike_checkpoint(kind):
     """Header-faithful stand-ins for files people put in diffusion_models by mistake (tiny tensors)."""
     from framepack_core.synthetic import random_state_dict
 
@@ -334,7 +334,7 @@ def test_loader_says_what_a_wrong_file_is(comfy, pack, kind, message):
     from safetensors.torch import save_file
 
     name = f"e2e_not_framepack_{kind}.safetensors"
-    save_file({k: v.contiguous() for k, v in fake_checkpoint(kind).items()},
+    save_file({k: v.contiguous() for k, v in lookalike_checkpoint(kind).items()},
               str(comfy.models / "diffusion_models" / name))
     with pytest.raises(ValueError, match=message) as error:
         load_model(pack, name)
