@@ -76,20 +76,26 @@ def _check_sections(mode: str, sections: Sequence[Range]) -> List[Range]:
     return ranges
 
 
-def section_ranges(mode: str, num_sections: int, window: int) -> List[Range]:
-    """The latent ranges ``num_sections`` windows of ``window`` frames occupy in the final video, in temporal
-    order (what ``decode_clips`` and ``decode_sections`` take when every section sampled a full window).
+def section_ranges(mode: str, frames: int, window: int) -> List[Range]:
+    """Sections tiling a video of ``frames`` latent frames, in temporal order, for ``decode_clips``.
 
-    inverted: the temporally first section carries the start latent, [(0, window+1), (window+1, 2*window+1), ...];
-    forward: the start latent stands alone at frame 0, [(1, window+1), (window+1, 2*window+1), ...].
+    Sections are ``window`` frames long, counted from the end; the first takes what is left (one to two
+    windows, plus the start latent in inverted mode), so every decode clip stays bounded however the video
+    was made. For a sampled video this is exactly where its sections lie: inverted [(0, window+1),
+    (window+1, 2*window+1), ...], forward [(1, window+1), ...] (the start latent at frame 0 belongs to no
+    section there). Videos that continue an input video tile the input the same way.
     """
     _check_mode_window(mode, window)
-    if isinstance(num_sections, bool) or not isinstance(num_sections, int) or num_sections < 1:
-        raise ValueError(f"num_sections must be an integer >= 1, got {num_sections!r}.")
-    bounds = [1 + i * window for i in range(num_sections + 1)]
-    if mode == "inverted":
-        bounds[0] = 0
-    return list(zip(bounds[:-1], bounds[1:]))
+    first = 0 if mode == "inverted" else 1
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames - first < 1:
+        raise ValueError(f"a {mode} video needs at least {first + 1} latent frame(s), got {frames!r}.")
+    smallest_first = window + (mode == "inverted")  # a full window, plus the start latent when inverted
+    ranges, stop = [], frames
+    while stop - window - first >= smallest_first:
+        ranges.append((stop - window, stop))
+        stop -= window
+    ranges.append((first, stop))
+    return ranges[::-1]
 
 
 def decode_clips(mode: str, window: int, sections: Sequence[Range]) -> List[Range]:

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from .cache import TeaCache
+from .decode import section_ranges
 from .sampling import make_flow_denoiser, sample, sigma_schedule
 
 MAX_TEXT_TOKENS = 512  # the original pads/crops the LLM hidden states to this length
@@ -52,7 +53,7 @@ class SamplingSettings:
 @dataclass
 class GenerationResult:
     latents: torch.Tensor  # (1, C, T, H, W) in temporal order; frame 0 is the start latent
-    sections: list = field(default_factory=list)  # (start, stop) latent frames of each section, temporal order
+    sections: list = field(default_factory=list)  # (start, stop) latent frames per section, temporal order (decode plan)
     mode: str = "inverted"
     window: int = 9
 
@@ -119,17 +120,9 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
             on_section(section, schedule.video_latents(history))
 
     video = schedule.video_latents(history)
-    sections = _section_ranges(schedule)
-    if prefix is not None:  # the input video stays in front of the generated frames
-        if mode == "inverted":  # prefix = the input less its last frame, which began the generated part
-            video = torch.cat([prefix.float(), video], 2)
-            first, offset = 0, prefix.shape[2]
-        else:  # history held the whole input; its frame 0 is the start latent, which no section owns
-            first, offset = 1, prefix.shape[2] - 1
-        kept = [(first, offset + first)] if offset > 0 else []
-        sections = kept + [(a + offset, b + offset) for a, b in sections]
-    assert sections[-1][1] == video.shape[2], (sections, video.shape)
-    return GenerationResult(video, sections, mode, window)
+    if mode == "inverted" and prefix is not None:  # the input (less its last frame) stays in front
+        video = torch.cat([prefix.float(), video], 2)
+    return GenerationResult(video, section_ranges(mode, video.shape[2], window), mode, window)
 
 
 class DefaultSectionSampler:
@@ -180,15 +173,6 @@ def _section_embeddings(start, end, video_index, num_sections):
 def _device(model):
     param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     return param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
-
-
-def _section_ranges(schedule):
-    """(start, stop) latent frames of each section in the generated video, in temporal order."""
-    ranges = []
-    for section in sorted(schedule, key=lambda s: s.video_index):
-        start = 0 if section.joins_start else section.first_video_frame
-        ranges.append((start, section.first_video_frame + schedule.window))
-    return ranges
 
 
 # ---------------------------------------------------------------------------------------------

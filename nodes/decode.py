@@ -16,11 +16,8 @@ def sections_of(latent, window):
         raise ValueError(f"Expected the latents of one video (1, 16, T, h, w), got {tuple(samples.shape)}.")
     if "framepack_sections" in latent:
         return samples, latent["framepack_mode"], latent["framepack_window"], latent["framepack_sections"]
-    frames = samples.shape[2]
-    if (frames - 1) % window:
-        raise ValueError(f"This LATENT has {frames} frames and no FramePack section boundaries; connect it straight "
-                         f"from FramePack Sampler, or set window so that frames = 1 + sections x window.")
-    return samples, "forward", window, section_ranges("forward", (frames - 1) // window, window)
+    # Latents from elsewhere (e.g. loaded from disk): decode them in windows of `window` frames.
+    return samples, "forward", window, section_ranges("forward", samples.shape[2], window)
 
 
 def decode_with_vae(vae, samples, mode, window, sections, sink):
@@ -38,7 +35,8 @@ DECODE_INPUTS = {
     "vae": ("VAE", {"tooltip": "The HunyuanVideo VAE (hunyuan_video_vae_bf16)."}),
 }
 WINDOW_INPUT = ("INT", {"default": 9, "min": 1, "max": 33, "tooltip": "Only for latents without section "
-                        "boundaries (not straight from FramePack Sampler): latent frames per section."})
+                        "boundaries (not straight from FramePack Sampler): decode in clips of this many latent "
+                        "frames, cross-faded."})
 
 
 class FramePackDecode:

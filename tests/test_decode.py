@@ -161,7 +161,7 @@ def test_decode_sections_equals_original(mode, window, n):
     vae = CausalVideoDecoder()
     done = []
     with TensorSink() as sink:
-        got = decode_sections(video, mode, window, section_ranges(mode, n, window), vae, sink=sink,
+        got = decode_sections(video, mode, window, section_ranges(mode, 1 + n * window, window), vae, sink=sink,
                               progress=lambda i, total: done.append((i, total)))
     assert got.dtype == torch.float32 and got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
@@ -173,30 +173,30 @@ def test_decode_sections_equals_original(mode, window, n):
 
 def test_default_sink_returns_the_tensor():
     video = video_latents(2 * 3 + 1)
-    got = decode_sections(video, "inverted", 3, section_ranges("inverted", 2, 3), CausalVideoDecoder())
+    got = decode_sections(video, "inverted", 3, section_ranges("inverted", 7, 3), CausalVideoDecoder())
     torch.testing.assert_close(got, reference_inverted(video, 3, 2, CausalVideoDecoder()), rtol=0, atol=1e-6)
 
 
 def test_decode_accepts_four_dimensional_output():
     video = video_latents(2 * 3 + 1)
     vae = CausalVideoDecoder()
-    got = decode_sections(video, "forward", 3, section_ranges("forward", 2, 3), lambda x: vae(x)[0])
+    got = decode_sections(video, "forward", 3, section_ranges("forward", 7, 3), lambda x: vae(x)[0])
     torch.testing.assert_close(got, reference_forward(video, 3, 2, CausalVideoDecoder()), rtol=0, atol=1e-6)
 
 
 # -- clip ranges -----------------------------------------------------------------------------------------
 
 def test_clip_ranges():
-    assert section_ranges("inverted", 3, 9) == [(0, 10), (10, 19), (19, 28)]
-    assert section_ranges("forward", 3, 9) == [(1, 10), (10, 19), (19, 28)]
+    assert section_ranges("inverted", 28, 9) == [(0, 10), (10, 19), (19, 28)]
+    assert section_ranges("forward", 28, 9) == [(1, 10), (10, 19), (19, 28)]
     assert decode_clips("inverted", 9, [(0, 10), (10, 19), (19, 28)]) == [(0, 19), (10, 28), (19, 28)]
     assert decode_clips("forward", 9, [(1, 10), (10, 19), (19, 28)]) == [(0, 10), (1, 19), (10, 28)]
     assert decode_clips("inverted", 9, [(0, 10)]) == [(0, 10)]
     assert decode_clips("forward", 9, [(1, 10)]) == [(0, 10)]
     # the clip sizes the original decodes: 2w+1 (first inverted), 2w, w (last inverted); w+1 then 2w forward
-    sizes = [b - a for a, b in decode_clips("inverted", 9, section_ranges("inverted", 5, 9))]
+    sizes = [b - a for a, b in decode_clips("inverted", 9, section_ranges("inverted", 46, 9))]
     assert sizes == [19, 18, 18, 18, 9]
-    sizes = [b - a for a, b in decode_clips("forward", 9, section_ranges("forward", 5, 9))]
+    sizes = [b - a for a, b in decode_clips("forward", 9, section_ranges("forward", 46, 9))]
     assert sizes == [10, 18, 18, 18, 18]
 
 
@@ -207,7 +207,7 @@ def test_section_ranges_match_packing_schedule(mode, n):
     window = 5
     schedule = make_schedule(mode, n, window=window)
     placed = sorted((s.first_video_frame - int(s.joins_start), s.first_video_frame + window) for s in schedule)
-    assert placed == section_ranges(mode, n, window)
+    assert placed == section_ranges(mode, 1 + n * window, window)
 
 
 # -- soft_append -----------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def test_streaming_emits_each_frame_once_as_soon_as_final(mode):
     video = video_latents(n * window + 1)
     vae = CausalVideoDecoder()
     sink = RecordingSink(vae)
-    assert decode_sections(video, mode, window, section_ranges(mode, n, window), vae, sink=sink) is None
+    assert decode_sections(video, mode, window, section_ranges(mode, 1 + n * window, window), vae, sink=sink) is None
     expected = REFERENCES[mode](video, window, n, CausalVideoDecoder())
     # every frame exactly once, in order
     assert sum(sink.sizes) == expected.shape[0] and all(size > 0 for size in sink.sizes)
@@ -244,7 +244,7 @@ def test_streaming_emits_each_frame_once_as_soon_as_final(mode):
     # progressive: after every decode call except the last, frames reach the sink before the next call
     assert sorted(set(sink.after_calls)) == list(range(1, n + 1))
     before_last = sum(size for size, calls in zip(sink.sizes, sink.after_calls) if calls < n)
-    last_clip = decode_clips(mode, window, section_ranges(mode, n, window))[-1]
+    last_clip = decode_clips(mode, window, section_ranges(mode, 1 + n * window, window))[-1]
     held_back = 4 * (last_clip[1] - last_clip[0]) - 3 - overlap_frames(window)
     assert before_last == expected.shape[0] - overlap_frames(window) - held_back
 
@@ -277,7 +277,7 @@ def test_memory_does_not_grow_with_sections(mode):
         def sink(chunk):
             held.append(pixel_frames_alive())
 
-        decode_sections(video_latents(n * window + 1), mode, window, section_ranges(mode, n, window), decode,
+        decode_sections(video_latents(n * window + 1), mode, window, section_ranges(mode, 1 + n * window, window), decode,
                         sink=sink)
         assert max(vae.calls) <= 2 * window + 1
         assert len(held) > n and max(held) <= 2 * clip, held
@@ -301,10 +301,10 @@ def test_video_file_sink_writes_readable_mp4(tmp_path, height, width):
 
     path = tmp_path / "sub" / "video.mp4"
     with VideoFileSink(path, fps=30, crf=0) as sink:
-        result = decode_sections(video, "inverted", window, section_ranges("inverted", n, window), decode, sink=sink)
+        result = decode_sections(video, "inverted", window, section_ranges("inverted", 1 + n * window, window), decode, sink=sink)
     frames_expected = 4 * (n * window + 1) - 3
     assert result == (path, frames_expected)
-    expected = decode_sections(video, "inverted", window, section_ranges("inverted", n, window), decode)
+    expected = decode_sections(video, "inverted", window, section_ranges("inverted", 1 + n * window, window), decode)
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
@@ -366,18 +366,18 @@ def test_bad_arguments(mode, window, sections, message):
 
 def test_latents_must_match_sections():
     with pytest.raises(ValueError, match="cover 7 latent frames but latents has 8"):
-        decode_sections(video_latents(8), "inverted", 3, section_ranges("inverted", 2, 3), CausalVideoDecoder())
+        decode_sections(video_latents(8), "inverted", 3, section_ranges("inverted", 7, 3), CausalVideoDecoder())
     with pytest.raises(ValueError, match=r"\(1, C, T, h, w\)"):
-        decode_sections(video_latents(7)[0], "inverted", 3, section_ranges("inverted", 2, 3), CausalVideoDecoder())
+        decode_sections(video_latents(7)[0], "inverted", 3, section_ranges("inverted", 7, 3), CausalVideoDecoder())
 
 
 def test_decode_returning_wrong_frame_count():
     vae = CausalVideoDecoder()
     with pytest.raises(ValueError, match=r"returned 28 frames for clip 0 \(0, 7\) of 7 latent frames.*= 25"):
-        decode_sections(video_latents(7), "inverted", 3, section_ranges("inverted", 2, 3),
+        decode_sections(video_latents(7), "inverted", 3, section_ranges("inverted", 7, 3),
                         lambda x: vae(x)[:, :-1].repeat_interleave(2, dim=1)[:, :28])
     with pytest.raises(ValueError, match="frames, H, W, 3"):
-        decode_sections(video_latents(7), "inverted", 3, section_ranges("inverted", 2, 3),
+        decode_sections(video_latents(7), "inverted", 3, section_ranges("inverted", 7, 3),
                         lambda x: vae(x).permute(0, 4, 1, 2, 3))
 
 
@@ -390,7 +390,7 @@ def test_decode_changing_frame_size():
         return F.interpolate(pixels, size=next(sizes)).permute(0, 2, 3, 1)
 
     with pytest.raises(ValueError, match="frames of shape"):
-        decode_sections(video_latents(7), "inverted", 3, section_ranges("inverted", 2, 3), decode)
+        decode_sections(video_latents(7), "inverted", 3, section_ranges("inverted", 7, 3), decode)
 
 
 def test_progress_can_interrupt():
@@ -402,6 +402,21 @@ def test_progress_can_interrupt():
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        decode_sections(video_latents(16), "inverted", 3, section_ranges("inverted", 5, 3), vae,
+        decode_sections(video_latents(16), "inverted", 3, section_ranges("inverted", 16, 3), vae,
                         sink=lambda c: frames.append(c.shape[0]), progress=progress)
     assert len(vae.calls) == 2 and sum(frames) > 0
+
+
+@pytest.mark.parametrize("mode", ["inverted", "forward"])
+@pytest.mark.parametrize("window", [1, 3, 9])
+def test_section_ranges_tile_any_length_with_bounded_clips(mode, window):
+    """Videos that continue an input video have lengths that are not start + n windows: they still tile
+    into windows (the first section taking the rest), and no decode clip grows with the video."""
+    start = 0 if mode == "inverted" else 1
+    for frames in range(start + window + (mode == "inverted"), 12 * window + 3):
+        ranges = section_ranges(mode, frames, window)
+        assert ranges[0][0] == start and ranges[-1][1] == frames
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(b - a == window for a, b in ranges[1:])
+        clips = decode_clips(mode, window, ranges)
+        assert max(b - a for a, b in clips) <= 3 * window + 1

@@ -149,7 +149,7 @@ def test_extending_a_video(model, inputs):
     assert fwd.sections == [(1, 5), (5, 8), (8, 11)]
     inv = run(model, (None,) + inputs[1:], n=2, extend_latents=video)
     assert torch.equal(inv.latents[:, :, :5], video) and inv.latents.shape[2] == 11  # new part starts on its last frame
-    assert inv.sections == [(0, 4), (4, 8), (8, 11)]
+    assert inv.sections == [(0, 5), (5, 8), (8, 11)]  # the input and the new start frame decode together
 
 
 @pytest.mark.parametrize("kwargs, message", [
