@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from framepack_core.decode import decode_sections
+from framepack_core.demo import preview_decode
 from framepack_core.model import FramePackTransformer
 from framepack_core.packing import make_schedule
 from framepack_core.pipeline import Prompt, SamplingSettings, TimedPrompt, generate
@@ -150,6 +152,9 @@ def test_extending_a_video(model, inputs):
     inv = run(model, (None,) + inputs[1:], n=2, extend_latents=video)
     assert torch.equal(inv.latents[:, :, :5], video) and inv.latents.shape[2] == 11  # new part starts on its last frame
     assert inv.sections == [(0, 5), (5, 8), (8, 11)]  # the input and the new start frame decode together
+    for result in (fwd, inv):  # the decode plan fits the decoder's rules
+        frames = decode_sections(result.latents, result.mode, result.window, result.sections, preview_decode)
+        assert frames.shape[0] == 4 * 11 - 3
 
 
 @pytest.mark.parametrize("kwargs, message", [
