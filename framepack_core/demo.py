@@ -14,7 +14,7 @@ import torch
 
 from .decode import VideoFileSink, decode_sections
 from .model import FramePackTransformer
-from .packing import make_schedule
+from .packing import make_schedule, sections_for_length
 from .pipeline import Prompt, SamplingSettings, generate
 from .synthetic import TINY, random_state_dict
 
@@ -93,8 +93,6 @@ def main(argv=None):
     model = FramePackTransformer(TINY).eval().requires_grad_(False)
     model.load_state_dict(random_state_dict(TINY, seed=args.seed))
     h, w = args.size
-    from .packing import sections_for_length
-
     schedule = make_schedule("inverted", sections_for_length(args.seconds, args.window), window=args.window)
     print(schedule.token_budget(h, w))
     g = torch.Generator().manual_seed(args.seed)

@@ -140,13 +140,13 @@ def find_prefix(keys):
     raise CheckpointError(describe_mismatch(keys))
 
 
-def describe_mismatch(keys, prefix=""):
+def describe_mismatch(keys):
     for marker, what in LOOKALIKES:
         if any(k.endswith(marker) for k in keys):
             return (f"This checkpoint looks like {what}, not a FramePack transformer. Load the FramePack weights "
                     "(FramePackI2V_HY or FramePack_F1_I2V_HY_20250503) in models/diffusion_models.")
-    missing = [k for k in REQUIRED if prefix + k not in keys]
-    if any(k.startswith(prefix + "transformer_blocks.") for k in keys) and missing and set(missing) <= {
+    missing = [k for k in REQUIRED if k not in keys]
+    if any(k.startswith("transformer_blocks.") for k in keys) and missing and set(missing) <= {
             "clean_x_embedder.proj.weight", "image_projection.up.weight", "image_projection.down.weight"}:
         return ("This is a diffusers HunyuanVideo transformer without FramePack's clean_x_embedder and "
                 "image_projection: the base text-to-video model, not FramePack. Load the FramePack weights instead.")

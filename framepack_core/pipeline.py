@@ -8,7 +8,7 @@ so the same seed gives the same video.
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -82,6 +82,8 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
         partially loaded, e.g. by ComfyUI's low-VRAM mode).
     """
     mode, window = schedule.mode, schedule.window
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0 (timed prompts are placed in seconds), got {fps!r}.")
     start_latent, prefix = _start_and_prefix(mode, start_latent, extend_latents)
     _check_latent("start_latent", start_latent)
     _check_embeddings("image_embeddings", image_embeddings)

@@ -5,7 +5,6 @@ import logging
 import comfy.model_management as mm
 import comfy.utils
 import latent_preview
-import torch
 
 from ..framepack_core.model import section_memory_bytes
 from ..framepack_core.pipeline import Prompt, SamplingSettings, TimedPrompt, generate
@@ -25,7 +24,10 @@ def prompt_from_conditioning(conditioning, name, config):
         raise ValueError(f"{name} conditioning is not HunyuanVideo text ({tuple(text.shape)}, pooled "
                          f"{None if pooled is None else tuple(pooled.shape)}): encode it with DualCLIPLoader "
                          f"type 'hunyuan_video' (llava_llama3 + clip_l), which gives {config.text_dim}-wide states.")
-    return Prompt(text[:1].float(), pooled[:1].float(), extras.get("attention_mask"))
+    if text.shape[0] != 1:
+        raise ValueError(f"{name} conditioning holds a batch of {text.shape[0]} prompts; FramePack generates one "
+                         "video at a time: encode one prompt.")
+    return Prompt(text.float(), pooled.float(), extras.get("attention_mask"))
 
 
 def image_embeddings(clip_vision_output, name, config):
@@ -36,7 +38,10 @@ def image_embeddings(clip_vision_output, name, config):
     if states.shape[-1] != config.image_dim:
         raise ValueError(f"{name} image embeddings are {states.shape[-1]} wide but the model expects "
                          f"{config.image_dim}: use the SigLIP vision model sigclip_vision_patch14_384.")
-    return states[:1].float()
+    if states.shape[0] != 1:
+        raise ValueError(f"{name} image embeddings hold {states.shape[0]} images; encode a single image (pick one "
+                         "frame with ImageFromBatch).")
+    return states.float()
 
 
 def video_latent(latent, name, scale):

@@ -180,5 +180,7 @@ def test_bad_start_inputs(model, inputs):
         run(model, (start[0], embeds, positive, negative))
     with pytest.raises(ValueError, match="last_hidden_state"):
         run(model, (start, embeds[0], positive, negative))
+    with pytest.raises(ValueError, match="fps must be > 0"):
+        run(model, inputs, fps=0)
     with pytest.raises(ValueError, match="either start_latent or extend_latents"):
         run(model, inputs, extend_latents=torch.zeros(1, 16, 3, H, W))

@@ -354,13 +354,19 @@ def tiny_model(pack, checkpoint):
     ({"positive": "sd3"}, "positive conditioning is not HunyuanVideo text.*DualCLIPLoader type 'hunyuan_video'"),
     ({"start_latent": {"samples": torch.zeros(1, 4, H, W)}}, "start_latent is not a video latent"),
     ({"start_latent": {"samples": torch.zeros(1, 16, 2, H, W)}}, "start_latent has 2 latent frames"),
+    ({"start_image_embeds": "two_images"}, "start image embeddings hold 2 images; encode a single image"),
+    ({"positive": "two_prompts"}, "positive conditioning holds a batch of 2 prompts"),
 ], ids=["end_latent_size", "no_image_embeds", "vit_h_embeds", "sd15_text", "sd3_pooled", "image_latent",
-        "two_frame_start"])
+        "two_frame_start", "image_batch", "prompt_batch"])
 def test_sampler_input_errors(pack, tiny_model, overrides, message):
     # ComfyUI conditioning from other text encoders: SD1.5 CLIP-L (768 wide), and one whose states have the
     # right width but whose pooled vector does not (as SD3's 4096-wide T5 states with a 2048 pooled vector)
     special = {"sd15": conditioning(width=768, pooled=768), "sd3": conditioning(pooled=TINY.pooled_dim * 2),
                "vit_h": vision_output(tokens=257, width=1280)}
+    special["two_images"] = vision_output()
+    special["two_images"]["last_hidden_state"] = special["two_images"]["last_hidden_state"].repeat(2, 1, 1)
+    special["two_prompts"] = [[t.repeat(2, 1, 1), {"pooled_output": e["pooled_output"].repeat(2, 1)}]
+                              for t, e in conditioning()]
     overrides = {k: special.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
     with pytest.raises(ValueError, match=message):
         sample(pack, tiny_model, **overrides)
