@@ -18,8 +18,9 @@ class FramePackResolutionBucket:
     def INPUT_TYPES(cls):
         return {"required": {
             "image": ("IMAGE", {"tooltip": "The start (or end/keyframe) image."}),
-            "resolution": ("INT", {"default": 640, "min": 256, "max": 1280, "step": 16,
-                                   "tooltip": "Bucket size; 640 is what FramePack was trained at."}),
+            "resolution": ("INT", {"default": 640, "min": 32, "max": 1280, "step": 16,
+                                   "tooltip": "Bucket size; 640 is what FramePack was trained at (much smaller "
+                                   "sizes only make quick drafts)."}),
         }}
 
     def resize(self, image, resolution):

@@ -1,7 +1,8 @@
 """Integration tests against a real ComfyUI tree (no fakes of ComfyUI).
 
 ComfyUI is found through ``COMFYUI_PATH`` or by this pack sitting in ``ComfyUI/custom_nodes/``. Without
-one, every test here is skipped with that reason. ComfyUI runs in this process on the CPU (``--cpu``);
+one, every test here is skipped with that reason, unless ``FRAMEPACK_REQUIRE_COMFYUI`` is set (CI sets it),
+which makes a missing tree an error. ComfyUI runs in this process on the CPU (``--cpu``);
 its built-in nodes are registered and this pack is loaded through ComfyUI's own custom-node loader.
 Model files the tests need are written into a temporary models folder registered with folder_paths.
 """
@@ -31,6 +32,8 @@ SKIP_REASON = ("no ComfyUI tree: set COMFYUI_PATH to a ComfyUI checkout (with it
 
 
 def pytest_collection_modifyitems(config, items):
+    if COMFYUI is None and os.environ.get("FRAMEPACK_REQUIRE_COMFYUI"):
+        raise pytest.UsageError(f"FRAMEPACK_REQUIRE_COMFYUI is set (as in CI) but there is {SKIP_REASON}")
     if COMFYUI is None:
         here = Path(__file__).parent
         for item in items:

@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 from framepack_core.synthetic import TINY, random_state_dict, save_single_file
 
 
-def write_framepack(path, seed=0, prefix=""):
+def write_framepack(path, seed=0, prefix="", config=TINY):
     """A tiny FramePack transformer checkpoint (released key names, random weights); returns its state dict."""
-    state = random_state_dict(TINY, seed=seed)
+    state = random_state_dict(config, seed=seed)
     save_single_file(path, state, prefix=prefix)
     return state
 

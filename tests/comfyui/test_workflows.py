@@ -1,13 +1,8 @@
 """Every example workflow is well formed and passes ComfyUI's own prompt validation.
 
-example_workflows/*.json are in the frontend's (litegraph) format, which ComfyUI's server never sees:
-the frontend turns a graph into an API prompt ({node id: {"class_type", "inputs"}}) before queueing it.
-ComfyUI has no Python version of that conversion, so ``to_api`` below does what the frontend does:
-widget values are assigned, in order, to the node's widget inputs (required, then optional, as
-INPUT_TYPES lists them), skipping the values of the frontend-only widgets (the control_after_generate
-combo after a seed, the upload button after an image/video file), and linked inputs become
-[source node id, output slot]. The prompt then goes through ``execution.validate_prompt`` with
-placeholder model and input files named as the workflows reference them.
+Each workflow is converted to the API prompt the frontend would queue (``workflow_api.to_api``) and goes
+through ``execution.validate_prompt`` with placeholder model and input files named as the workflows
+reference them.
 """
 
 import asyncio
@@ -17,13 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import workflow_api
+from workflow_api import FRONTEND_ONLY, input_specs, is_widget, specs_from_classes
+
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
-FRONTEND_ONLY = {"Note", "MarkdownNote"}  # UI-only nodes, never sent to the server
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload")
-
 # The only file names the example workflows may use: the ones the README tells users to download.
 MODEL_FILES = {
     "diffusion_models": ["FramePackI2V_HY_bf16.safetensors", "FramePack_F1_I2V_HY_20250503_bf16.safetensors"],
@@ -41,55 +34,12 @@ def load(path):
     return json.loads(Path(path).read_text())
 
 
-def input_specs(cls):
-    """[(name, type, options)] of a node class in INPUT_TYPES order (required, then optional)."""
-    specs = []
-    for section in ("required", "optional"):
-        for name, value in cls.INPUT_TYPES().get(section, {}).items():
-            kind, options = value[0], (value[1] if len(value) > 1 else {})
-            if isinstance(kind, (list, tuple)):
-                kind = "COMBO"
-            specs.append((name, kind, options))
-    return specs
-
-
-def is_widget(kind, options):
-    return kind in WIDGET_TYPES and not options.get("forceInput")
-
-
 def output_types(cls):
     return list(cls.RETURN_TYPES)
 
 
 def to_api(workflow, classes):
-    """The API prompt the frontend would queue for a UI-format workflow."""
-    links = {link[0]: link for link in workflow["links"]}
-    prompt = {}
-    for node in workflow["nodes"]:
-        if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in (2, 4):  # notes, muted, bypassed
-            continue
-        cls = classes[node["type"]]
-        values = list(node.get("widgets_values") or [])
-        inputs = {}
-        for name, kind, options in input_specs(cls):
-            if not is_widget(kind, options):
-                continue
-            assert values, f"node {node['id']} ({node['type']}): no widget value left for {name!r}"
-            inputs[name] = values.pop(0)
-            if options.get("control_after_generate"):
-                control = values.pop(0) if values else None
-                assert control in CONTROL_VALUES, (
-                    f"node {node['id']} ({node['type']}): {name!r} must be followed by its control_after_generate "
-                    f"value, got {control!r}")
-            if any(options.get(key) for key in UPLOAD_OPTIONS):
-                values.pop(0)  # the upload button's value
-        assert not values, f"node {node['id']} ({node['type']}): {len(values)} widget values too many: {values}"
-        for slot in node.get("inputs", []):
-            if slot.get("link") is not None:
-                link = links[slot["link"]]
-                inputs[slot["name"]] = [str(link[1]), link[2]]
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
+    return workflow_api.to_api(workflow, specs_from_classes(classes))
 
 
 def check_well_formed(workflow, classes):

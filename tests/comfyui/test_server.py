@@ -1,0 +1,242 @@
+"""The pack inside a real ComfyUI server, driven the way the frontend drives it.
+
+ComfyUI's own ``main.py --cpu`` runs in a child process with a temporary base directory whose
+custom_nodes/ holds this pack and a test-only pair of encoder stand-ins (``standin_encoders/``). The example
+workflows are fetched from the server's template route, converted to API prompts with the server's own
+``/object_info`` and queued through ``POST /prompt``; the websocket reports progress, previews and the end.
+
+Models are tiny stand-ins written into the base directory and loaded by the real loaders: FramePack
+checkpoints with the real outer widths (16 latent channels, text 4096, pooled 768, SigLIP 1152) through
+FramePack Model Loader, and a random-weight HunyuanVideo VAE through ComfyUI's VAELoader. Text and vision
+encoders become the stand-in nodes. To keep the VAE affordable on a CPU the graphs run at a tiny
+resolution bucket, a 3-frame window and 2 steps; everything else is the example workflows' own.
+"""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import av
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfy_server import ComfyServer, PromptRejected
+from framepack_core.buckets import nearest_bucket
+from framepack_core.synthetic import TINY
+from models import hunyuan_vae_state_dict, write_framepack
+from workflow_api import FRONTEND_ONLY, specs_from_object_info, to_api
+
+HERE = Path(__file__).resolve().parent
+PACK = HERE.parents[1]
+PACK_NAME = "ComfyUI-FramePack"
+# The FramePack transformer's real outer widths around a tiny inner model.
+REAL_WIDTHS = dataclasses.replace(TINY, text_dim=4096, pooled_dim=768, image_dim=1152)
+IMAGE_HW = (24, 40)                   # input images (height, width): landscape, so a swapped axis shows
+RESOLUTION, WINDOW, STEPS = 32, 3, 2  # bucket, latent frames per section, steps per section
+BUCKET = nearest_bucket(*IMAGE_HW, RESOLUTION)
+VIDEO_FRAMES = 9                      # input_video.mp4 for the extension workflow: 3 latent frames
+BROKEN = "broken_download.safetensors"
+
+
+def write_image(path, seed):
+    from PIL import Image
+
+    pixels = torch.rand(*IMAGE_HW, 3, generator=torch.Generator().manual_seed(seed))
+    Image.fromarray((pixels * 255).byte().numpy()).save(path)
+
+
+def write_video(path, frames):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.height, stream.width, stream.pix_fmt = *IMAGE_HW, "yuv420p"
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(frames):
+            frame = (torch.rand(*IMAGE_HW, 3, generator=gen) * 255).byte().numpy()
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.fixture(scope="module")
+def server(comfy, tmp_path_factory):
+    """A running ComfyUI with the pack, the stand-ins, tiny models and input files; always stopped at the end."""
+    base = tmp_path_factory.mktemp("comfy_base")
+    nodes_dir = base / "custom_nodes"
+    nodes_dir.mkdir()
+    (nodes_dir / PACK_NAME).symlink_to(PACK, target_is_directory=True)
+    shutil.copytree(HERE / "standin_encoders", nodes_dir / "framepack_test_standins")
+    models = base / "models"
+    for kind in ("diffusion_models", "vae"):
+        (models / kind).mkdir(parents=True)
+    with torch.device("cpu"):
+        write_framepack(models / "diffusion_models" / "FramePackI2V_HY_bf16.safetensors", seed=0, config=REAL_WIDTHS)
+        write_framepack(models / "diffusion_models" / "FramePack_F1_I2V_HY_20250503_bf16.safetensors", seed=1,
+                        config=REAL_WIDTHS)
+        good = (models / "diffusion_models" / "FramePackI2V_HY_bf16.safetensors").read_bytes()
+        (models / "diffusion_models" / BROKEN).write_bytes(good[: len(good) // 2])  # an interrupted download
+        vae = {k: v.to(torch.bfloat16) for k, v in hunyuan_vae_state_dict().items()}
+        save_file(vae, str(models / "vae" / "hunyuan_video_vae_bf16.safetensors"))
+    inputs = base / "input"
+    inputs.mkdir()
+    for seed, name in enumerate(["example.png", "end_frame.png", "keyframe_1.png", "keyframe_2.png"]):
+        write_image(inputs / name, seed)
+    write_video(inputs / "input_video.mp4", VIDEO_FRAMES)
+
+    running = ComfyServer(comfy.path, base)
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+def template(server, name):
+    """An example workflow as the frontend gets it: from the pack's template route."""
+    status, workflow = server._request("GET", f"/api/workflow_templates/{PACK_NAME}/{name}.json")
+    assert status == 200, f"template {name}: HTTP {status}"
+    return workflow
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def test_server_lists_and_serves_every_example_workflow(server, object_info):
+    listed = server.get("/api/workflow_templates")
+    names = sorted(p.stem for p in (PACK / "example_workflows").glob("*.json"))
+    assert sorted(listed[PACK_NAME]) == names
+    for name in names:
+        workflow = template(server, name)
+        missing = {n["type"] for n in workflow["nodes"]} - set(object_info) - FRONTEND_ONLY
+        assert not missing, f"{name}: nodes missing on the server: {missing}"
+        to_api(workflow, specs_from_object_info(object_info))  # every widget value lands on a widget
+
+
+def test_pack_nodes_load_in_the_server(server, object_info):
+    assert "Import times for custom nodes" in server.log()
+    assert "IMPORT FAILED" not in server.log(), server.log_tail()
+    for node in ("FramePackModelLoader", "FramePackSampler", "FramePackSchedule", "FramePackDecode",
+                 "FramePackDecodeToVideo", "FramePackResolutionBucket", "FramePackKeyframe", "FramePackTimedPrompt",
+                 "FramePackLoraLoader"):
+        assert object_info[node]["category"] == "FramePack"
+
+
+def prompt_for(server, object_info, name, sections=2, steps=STEPS, seed=None):
+    """The example workflow ``name`` as an API prompt, with stand-in encoders and test-sized settings."""
+    prompt = to_api(template(server, name), specs_from_object_info(object_info))
+    for node_id, node in list(prompt.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind in ("DualCLIPLoader", "CLIPVisionLoader"):
+            del prompt[node_id]  # their only consumers become stand-ins
+        elif kind == "CLIPTextEncode":
+            prompt[node_id] = {"class_type": "StandinTextEncode", "inputs": {"text": inputs["text"]}}
+        elif kind == "CLIPVisionEncode":
+            prompt[node_id] = {"class_type": "StandinVisionEncode",
+                               "inputs": {"image": inputs["image"], "crop": inputs["crop"]}}
+        elif kind == "FramePackResolutionBucket":
+            inputs["resolution"] = RESOLUTION
+        elif kind == "FramePackSchedule":
+            inputs.update(sections=sections, window=WINDOW)
+        elif kind == "FramePackSampler":
+            inputs["steps"] = steps
+            if seed is not None:
+                inputs["seed"] = seed
+        elif kind == "FramePackTimedPrompt":  # the workflow's 2 s ranges over sections of 0.4 s
+            inputs["start_seconds"] /= 5
+            inputs["end_seconds"] /= 5
+    return prompt
+
+
+def node_of(prompt, kind):
+    return next(i for i, n in prompt.items() if n["class_type"] == kind)
+
+
+def video_files(server, run):
+    files = [server.output_file(entry) for output in server.outputs(run).values()
+             for key in ("images", "gifs", "videos") for entry in output.get(key, [])]
+    return [f for f in files if f.suffix == ".mp4"]
+
+
+def read_video(path):
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return len(frames), frames[0].shape[:2]
+
+
+# (workflow, mode's sections, latent frames the output video holds)
+WORKFLOWS = {
+    "image_to_video": (2, 1 + 2 * WINDOW),
+    "f1_forward": (2, 1 + 2 * WINDOW),
+    "start_end_frame": (2, 1 + 2 * WINDOW),
+    "keyframes_timed_prompts": (4, 1 + 4 * WINDOW),  # keyframes at sections 1 and 3
+    "extend_video": (2, (VIDEO_FRAMES + 3) // 4 + 2 * WINDOW),  # the input video, then 2 new sections
+}
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_example_workflow_runs_in_the_server(server, object_info, name):
+    sections, latent_frames = WORKFLOWS[name]
+    prompt = prompt_for(server, object_info, name, sections=sections)
+    run = server.run(prompt)
+    assert run.status == "execution_success", (run.error, server.log_tail())
+
+    # the output mp4: frame count and size as the README promises (4T - 3 frames, the bucket's size)
+    videos = video_files(server, run)
+    assert len(videos) == 1, server.outputs(run)
+    frames, size = read_video(videos[0])
+    assert frames == 4 * latent_frames - 3
+    assert size == BUCKET
+
+    # progress over all of the sampler's steps, and latent previews on the way
+    sampler = node_of(prompt, "FramePackSampler")
+    progress = [p for p in run.of_type("progress") if p["node"] == sampler]
+    assert progress and {p["max"] for p in progress} == {sections * STEPS}
+    values = [p["value"] for p in progress]
+    assert values == sorted(values) and values[-1] == sections * STEPS
+    assert run.previews and all(p[:2] == b"\xff\xd8" for p in run.previews)  # JPEG latent previews
+    executed = {e["node"] for e in run.of_type("executing") if e.get("node")}
+    cached = {n for e in run.of_type("execution_cached") for n in e["nodes"]}
+    assert sampler in executed and node_of(prompt, "FramePackModelLoader") in executed | cached
+
+
+def test_interrupt_mid_run_then_the_next_run_completes(server, object_info):
+    prompt = prompt_for(server, object_info, "image_to_video", sections=3, steps=3, seed=101)
+    sampler = node_of(prompt, "FramePackSampler")
+
+    def after_first_step(run):
+        return any(p["node"] == sampler and p["value"] >= 1 for p in run.of_type("progress"))
+
+    run = server.run(prompt, interrupt_when=after_first_step)
+    assert run.status == "execution_interrupted", (run.error, server.log_tail())
+    assert run.of_type("execution_interrupted")[0]["node_id"] == sampler
+    assert server.alive
+
+    again = server.run(prompt)
+    assert again.status == "execution_success", (again.error, server.log_tail())
+    assert read_video(video_files(server, again)[0])[0] == 4 * (1 + 3 * WINDOW) - 3
+
+
+def test_bad_checkpoint_is_an_execution_error_and_the_server_stays_up(server, object_info):
+    prompt = prompt_for(server, object_info, "image_to_video", seed=202)
+    prompt[node_of(prompt, "FramePackModelLoader")]["inputs"]["model_name"] = BROKEN
+    run = server.run(prompt)
+    assert run.status == "execution_error"
+    error = run.error
+    assert error["node_type"] == "FramePackModelLoader"
+    assert BROKEN in error["exception_message"] and "truncated" in error["exception_message"].lower(), error
+    assert server.alive and server.get("/system_stats")
+
+    good = prompt_for(server, object_info, "image_to_video", seed=202)
+    assert server.run(good).status == "execution_success"
+
+
+def test_invalid_prompt_is_rejected_with_node_errors(server, object_info):
+    prompt = prompt_for(server, object_info, "image_to_video")
+    prompt[node_of(prompt, "FramePackSchedule")]["inputs"]["mode"] = "backward"
+    with pytest.raises(PromptRejected) as rejected:
+        server.run(prompt)
+    errors = rejected.value.args[0]["node_errors"]
+    assert node_of(prompt, "FramePackSchedule") in errors
+    assert json.dumps(errors).count("mode") >= 1
