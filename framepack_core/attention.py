@@ -67,18 +67,28 @@ def _auto(q):
     return "sdpa"
 
 
-def attention(q, k, v, lengths=None, backend="sdpa"):
+def attention(q, k, v, lengths=None, backend="sdpa", transformer_options=None):
     """Scaled dot-product attention over (B, L, H, D) tensors.
 
     ``lengths``: None when every token is valid, else a list of per-sample valid prefix lengths.
+    ``transformer_options``: a host's per-call options; an ``optimized_attention_override`` in it
+    replaces the kernel (see ``_overridden``).
     """
+    override = (transformer_options or {}).get("optimized_attention_override")
+    if override is not None:
+        return _overridden(override, q, k, v, lengths, backend, transformer_options)
     name = _auto(q) if backend == "auto" else backend
     if lengths is None:
         return _KERNELS[name](q, k, v)
     if name == "sdpa":
-        keep = torch.arange(q.shape[1], device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None]
-        return _sdpa(q, k, v, mask=keep[:, None, None, :])
+        return _sdpa(q, k, v, mask=_keep_mask(lengths, q))
     return per_sample(_KERNELS[name], q, k, v, lengths)
+
+
+def _keep_mask(lengths, q):
+    """Boolean (B, 1, 1, L) mask of the valid prefix of each sample's keys."""
+    keep = torch.arange(q.shape[1], device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None]
+    return keep[:, None, None, :]
 
 
 def per_sample(kernel, q, k, v, lengths):
@@ -87,3 +97,26 @@ def per_sample(kernel, q, k, v, lengths):
     for i, n in enumerate(lengths):
         out[i : i + 1, :n] = kernel(q[i : i + 1, :n], k[i : i + 1, :n], v[i : i + 1, :n])
     return out
+
+
+def _overridden(override, q, k, v, lengths, backend, transformer_options):
+    """Attention through a host's override, with ComfyUI's calling convention.
+
+    ComfyUI calls ``override(func, q, k, v, heads, mask=..., skip_reshape=True,
+    transformer_options=...)`` with q/k/v shaped (B, H, L, D) and expects (B, L, H * D) back; ``func``
+    is the attention the override may fall back to, here this module's own kernels. The mask is a
+    boolean keep-mask (B, 1, 1, L), or None when every token is valid.
+    """
+    def own_attention(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
+        if skip_reshape:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        else:
+            q, k, v = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))
+        out = attention(q, k, v, lengths, backend)
+        return out.transpose(1, 2) if skip_output_reshape else out.flatten(-2)
+
+    mask = None if lengths is None else _keep_mask(lengths, q)
+    heads = q.shape[2]
+    out = override(own_attention, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), heads, mask=mask,
+                   skip_reshape=True, transformer_options=transformer_options)
+    return out.unflatten(-1, (heads, -1))

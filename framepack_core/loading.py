@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import quantized
 from .model import CLEAN_EMBEDDERS, FramePackConfig, FramePackTransformer
 from .ops import CastOps, TorchOps, is_fp8
 
@@ -127,6 +128,28 @@ def read_key_shapes(path):
     return shapes
 
 
+def read_metadata(path):
+    """The safetensors metadata of the checkpoint (all shards merged); {} when it has none."""
+    metadata = {}
+    for file in _safetensors_files(path):
+        with _open(file) as f:
+            metadata.update(f.metadata() or {})
+    return metadata
+
+
+def read_quantization(path):
+    """The checkpoint's ``quantized.Quantization`` (ComfyUI scaled fp8 or comfy_quant), or None."""
+    shapes = read_key_shapes(path)
+    return _quantization(path, shapes, find_prefix(shapes))
+
+
+def _quantization(path, shapes, prefix):
+    try:
+        return quantized.detect({k: d for k, (_, d) in shapes.items()}, read_metadata(path), prefix)
+    except ValueError as e:
+        raise CheckpointError(f"{Path(path).name}: {e}") from e
+
+
 # ---------------------------------------------------------------------------------------------
 # recognising the checkpoint and its shape
 
@@ -215,7 +238,7 @@ def _compute_dtype_for(stored):
 
 
 def load_transformer(path, compute_dtype=None, storage_dtype=None, operations=None, attention_backend="sdpa",
-                     fp32_output=True, device="cpu"):
+                     fp32_output=True, device="cpu", convert_state=None):
     """Load a FramePack transformer.
 
     path: a .safetensors file (bf16/fp16/fp32/fp8 weights; prefixes model.diffusion_model., diffusion_model.
@@ -225,6 +248,10 @@ def load_transformer(path, compute_dtype=None, storage_dtype=None, operations=No
         compute dtype). fp8 storage applies to the blocks' weight matrices; biases, norms and embedders
         stay in the compute dtype. Mixed storage runs through casting layers (ops.CastOps).
     operations: layer namespace (default: plain torch layers when storage == compute, casting layers otherwise).
+        A quantized checkpoint (see quantized.py) needs layers that read its layout (ComfyUI's comfy.ops);
+        its quantized weights and scales reach them as stored, whatever storage_dtype says.
+    convert_state: optional ``f(state) -> state`` applied to the loaded tensors before they are assigned
+        (a host's conversion of a quantized layout into the one its layers read).
     """
     path = Path(path)
     files = _safetensors_files(path)
@@ -238,8 +265,14 @@ def load_transformer(path, compute_dtype=None, storage_dtype=None, operations=No
     if foreign:
         log.warning("%s: ignoring %d tensors outside the transformer (prefix %r).", path.name, foreign, prefix)
     config = infer_config(own, extra)
+    quant = _quantization(path, shapes, prefix)
+    if quant is not None and operations is None:
+        raise CheckpointError(f"{path.name} is quantized in ComfyUI's {quant.format} layout, which only layers that "
+                              "read it can run: load it in ComfyUI with FramePack Model Loader, or pass operations "
+                              "for that layout.")
 
-    stored = [SAFETENSORS_DTYPES.get(d, torch.float32) for k, (_, d) in shapes.items() if k.startswith(prefix)]
+    stored = [SAFETENSORS_DTYPES.get(d, torch.float32) for k, (_, d) in shapes.items()
+              if k.startswith(prefix) and not (quant and quant.is_extra(k[len(prefix):]))]
     compute_dtype = compute_dtype or _compute_dtype_for(stored)
     state = {}
     for file, keys in _read_batches(files, shapes, prefix):
@@ -247,7 +280,15 @@ def load_transformer(path, compute_dtype=None, storage_dtype=None, operations=No
             for key in keys:
                 tensor = f.get_tensor(key)
                 name = key[len(prefix):]
-                state[name] = tensor.to(_storage_dtype(name, tensor, storage_dtype, compute_dtype, fp32_output))
+                if quant is not None and quant.keeps_dtype(name):
+                    state[name] = tensor
+                else:
+                    state[name] = tensor.to(_storage_dtype(name, tensor, storage_dtype, compute_dtype, fp32_output))
+    if quant is not None:
+        state.update(quant.metadata_tensors())
+    if convert_state is not None:
+        state = convert_state(state)
+    state.pop(quantized.MARKER, None)
     if operations is None:
         uniform = all(t.dtype == compute_dtype for k, t in state.items() if not k.startswith("proj_out."))
         operations = TorchOps if uniform else CastOps
@@ -255,10 +296,33 @@ def load_transformer(path, compute_dtype=None, storage_dtype=None, operations=No
     with torch.device("meta"):
         model = FramePackTransformer(config, operations=operations, attention_backend=attention_backend,
                                      compute_dtype=compute_dtype, fp32_output=fp32_output)
+        expected = FramePackTransformer(config).state_dict().keys()  # what any layer set must be given
+    absent = sorted(set(expected) - set(state))
     result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys or result.missing_keys:
-        raise CheckpointError(_key_report(result))
+    missing = [k for k in result.missing_keys if not _fill_identity_scale(model, k)]
+    if result.unexpected_keys or missing or absent:
+        raise CheckpointError(_key_report(sorted(set(missing + absent)), result.unexpected_keys))
+    _check_materialized(model)
     return model.to(device).eval().requires_grad_(False)
+
+
+def _fill_identity_scale(model, key):
+    """Scaled-fp8 layers hold a weight scale even where the file stores the layer unscaled: it is 1."""
+    layer, _, name = key.rpartition(".")
+    if name not in quantized.IDENTITY_SCALES:
+        return False
+    setattr(model.get_submodule(layer), name, torch.nn.Parameter(torch.ones(()), requires_grad=False))
+    return True
+
+
+def _check_materialized(model):
+    """Every tensor was given a value: layers may start empty (meta, or weight=None in newer comfy.ops)."""
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    empty += [f"{n}.weight" for n, m in model.named_modules()
+              if hasattr(m, "in_features") and getattr(m, "weight", None) is None]
+    if empty:
+        raise CheckpointError(f"The checkpoint left {len(empty)} tensors without values (e.g. {', '.join(empty[:4])}); "
+                              "the file is incomplete or its layout is not one these layers read.")
 
 
 def _read_batches(files, shapes, prefix, batches=16):
@@ -299,11 +363,10 @@ def _storage_dtype(key, tensor, storage_dtype, compute_dtype, fp32_output):
     return tensor.dtype if is_fp8(tensor.dtype) else compute_dtype
 
 
-def _key_report(result):
+def _key_report(missing, unexpected):
     parts = []
-    if result.missing_keys:
-        parts.append(f"missing {len(result.missing_keys)} tensors (e.g. {', '.join(result.missing_keys[:4])})")
-    if result.unexpected_keys:
-        parts.append(f"{len(result.unexpected_keys)} tensors that no layer uses (e.g. "
-                     f"{', '.join(result.unexpected_keys[:4])})")
+    if missing:
+        parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:4])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors that no layer uses (e.g. {', '.join(unexpected[:4])})")
     return "The checkpoint does not match a FramePack transformer: " + "; ".join(parts) + "."

@@ -140,9 +140,9 @@ class RefinerAttention(nn.Module):
         self.to_q, self.to_k, self.to_v = (ops.Linear(dim, dim, **kw) for _ in range(3))
         self.to_out = nn.ModuleList([ops.Linear(dim, dim, **kw)])
 
-    def forward(self, x, lengths, backend):
+    def forward(self, x, lengths, backend, options):
         q, k, v = (heads(f(x), self.num_heads) for f in (self.to_q, self.to_k, self.to_v))
-        return self.to_out[0](attention(q, k, v, lengths, backend).flatten(-2))
+        return self.to_out[0](attention(q, k, v, lengths, backend, options).flatten(-2))
 
 
 class RefinerBlock(nn.Module):
@@ -155,9 +155,9 @@ class RefinerBlock(nn.Module):
         self.ff = FeedForward(dim, cfg.mlp_dim, F.silu, ops, **kw)
         self.norm_out = Modulation(dim, 2, ops, **kw)
 
-    def forward(self, x, temb, lengths, backend):
+    def forward(self, x, temb, lengths, backend, options):
         gate_attn, gate_ff = self.norm_out(temb)
-        x = x + self.attn(self.norm1(x), lengths, backend) * gate_attn
+        x = x + self.attn(self.norm1(x), lengths, backend, options) * gate_attn
         return x + self.ff(self.norm2(x)) * gate_ff
 
 
@@ -179,14 +179,14 @@ class TokenRefiner(nn.Module):
         self.token_refiner = nn.Module()
         self.token_refiner.refiner_blocks = nn.ModuleList(RefinerBlock(cfg, ops, **kw) for _ in range(cfg.num_refiner_layers))
 
-    def forward(self, text, timestep, mask, lengths, backend):
+    def forward(self, text, timestep, mask, lengths, backend, options):
         maskf = mask.float().unsqueeze(-1)
         pooled = ((text * maskf).sum(1) / maskf.sum(1)).to(text.dtype)
         embed = self.time_text_embed
         temb = embed.timestep_embedder(timestep_sinusoid(timestep).to(text.dtype)) + embed.text_embedder(pooled)
         x = self.proj_in(text)
         for block in self.token_refiner.refiner_blocks:
-            x = block(x, temb, lengths, backend)
+            x = block(x, temb, lengths, backend, options)
         return x
 
 
@@ -210,11 +210,12 @@ class DualAttention(nn.Module):
         for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
             setattr(self, name, ops.RMSNorm(cfg.head_dim, eps=1e-6, **kw))
 
-    def forward(self, x, ctx, rope, lengths, backend):
+    def forward(self, x, ctx, rope, lengths, backend, options):
         q, k, v = project_qkv(x, self.num_heads, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         cq, ck, cv = project_qkv(ctx, self.num_heads, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k)
-        out = attention(torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1), lengths, backend).flatten(-2)
+        out = attention(torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1), lengths, backend,
+                        options).flatten(-2)
         n = x.shape[1]
         return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
 
@@ -231,10 +232,11 @@ class DualStreamBlock(nn.Module):
         self.ff = FeedForward(dim, cfg.mlp_dim, gelu_tanh, ops, **kw)
         self.ff_context = FeedForward(dim, cfg.mlp_dim, gelu_tanh, ops, **kw)
 
-    def forward(self, x, ctx, temb, rope, lengths, backend):
+    def forward(self, x, ctx, temb, rope, lengths, backend, options=None):
         shift, scale, gate, ff_shift, ff_scale, ff_gate = self.norm1(temb)
         c_shift, c_scale, c_gate, c_ff_shift, c_ff_scale, c_ff_gate = self.norm1_context(temb)
-        attn_x, attn_ctx = self.attn(modulate(x, shift, scale), modulate(ctx, c_shift, c_scale), rope, lengths, backend)
+        attn_x, attn_ctx = self.attn(modulate(x, shift, scale), modulate(ctx, c_shift, c_scale), rope, lengths, backend,
+                                     options)
         x = x + attn_x * gate
         ctx = ctx + attn_ctx * c_gate
         x = x + ff_gate * self.ff(modulate(x, ff_shift, ff_scale))
@@ -250,16 +252,16 @@ class SingleAttention(nn.Module):
         self.norm_q = ops.RMSNorm(cfg.head_dim, eps=1e-6, **kw)
         self.norm_k = ops.RMSNorm(cfg.head_dim, eps=1e-6, **kw)
 
-    def forward(self, x, num_image_tokens, rope, lengths, backend):
+    def forward(self, x, rope, lengths, backend, options):
         q, k, v = project_qkv(x, self.num_heads, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
-        n = num_image_tokens  # RoPE rotates image tokens only
+        n = rope[0].shape[1]  # RoPE covers (and rotates) the image tokens, which come first
         q = torch.cat([apply_rope(q[:, :n], *rope), q[:, n:]], 1)
         k = torch.cat([apply_rope(k[:, :n], *rope), k[:, n:]], 1)
-        return attention(q, k, v, lengths, backend).flatten(-2)
+        return attention(q, k, v, lengths, backend, options).flatten(-2)
 
 
 class SingleStreamBlock(nn.Module):
-    """Image and text tokens concatenated, shared weights, attention and MLP in parallel."""
+    """Image and text tokens as one sequence (image first), shared weights, attention and MLP in parallel."""
 
     def __init__(self, cfg, ops, **kw):
         super().__init__()
@@ -269,14 +271,11 @@ class SingleStreamBlock(nn.Module):
         self.proj_mlp = ops.Linear(dim, cfg.mlp_dim, **kw)
         self.proj_out = ops.Linear(dim + cfg.mlp_dim, dim, **kw)
 
-    def forward(self, x, ctx, temb, rope, lengths, backend):
-        n = x.shape[1]
-        tokens = torch.cat([x, ctx], 1)
+    def forward(self, tokens, temb, rope, lengths, backend, options=None):
         shift, scale, gate = self.norm(temb)
         normed = modulate(tokens, shift, scale)
-        mixed = torch.cat([self.attn(normed, n, rope, lengths, backend), gelu_tanh(self.proj_mlp(normed))], -1)
-        tokens = tokens + gate * self.proj_out(mixed)
-        return tokens[:, :n], tokens[:, n:]
+        mixed = torch.cat([self.attn(normed, rope, lengths, backend, options), gelu_tanh(self.proj_mlp(normed))], -1)
+        return tokens + gate * self.proj_out(mixed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,13 +428,19 @@ class FramePackTransformer(nn.Module):
                 image_embeddings, guidance=None, latent_indices=None,
                 clean_latents=None, clean_latent_indices=None,
                 clean_latents_2x=None, clean_latent_2x_indices=None,
-                clean_latents_4x=None, clean_latent_4x_indices=None, cache_stream="positive"):
+                clean_latents_4x=None, clean_latent_4x_indices=None, cache_stream="positive",
+                transformer_options=None):
         """Velocity for the noisy latents ``hidden_states`` (B, C, T, H, W).
 
         timestep, guidance: (B,) already scaled by 1000. Text: hidden states (B, N, text_dim) with a
         prefix mask (B, N) (None: all valid) and pooled vector (B, pooled_dim). image_embeddings:
         SigLIP last_hidden_state (B, 729, image_dim). Each clean-latent group is optional.
+        transformer_options: a host's per-call options, with ComfyUI's conventions: an
+        ``optimized_attention_override`` replaces every attention kernel, and
+        ``patches_replace["dit"][("double_block", i)]`` / ``[("single_block", i)]`` replace a block
+        (see ``_run_blocks``). None or {}: the plain forward.
         """
+        options = transformer_options or {}
         dtype = self.compute_dtype or hidden_states.dtype
         device = hidden_states.device  # every other input follows the latents' device
         batch, _, frames, h, w = hidden_states.shape
@@ -457,7 +462,7 @@ class FramePackTransformer(nn.Module):
         text = text[:, : max(text_lengths)]  # padding past the longest prompt is never attended to
         mask = mask[:, : text.shape[1]]
         same = len(set(text_lengths)) == 1
-        ctx = self.context_embedder(text, timestep, mask, None if same else text_lengths, self.attention_backend)
+        ctx = self.context_embedder(text, timestep, mask, None if same else text_lengths, self.attention_backend, options)
         temb = self.time_text_embed(timestep, pooled_projections.to(device, dtype),
                                     None if guidance is None else guidance.to(device).reshape(-1).expand(batch))
 
@@ -468,7 +473,7 @@ class FramePackTransformer(nn.Module):
         ctx = torch.cat([image, ctx], 1)  # image tokens first, so text padding stays at the end
         lengths = None if same else [x.shape[1] + image.shape[1] + n for n in text_lengths]
 
-        x = self._run_blocks(x, ctx, temb, rope, lengths, cache_stream)
+        x = self._run_blocks(x, ctx, temb, rope, lengths, cache_stream, options)
 
         x = x[:, -num_noisy:]
         shift, scale = self.norm_out(temb)[::-1]  # stored as (scale, shift)
@@ -477,18 +482,48 @@ class FramePackTransformer(nn.Module):
         return rearrange(x, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
                          t=frames // pt, h=h // ph, w=w // pw, pt=pt, ph=ph, pw=pw)
 
-    def _run_blocks(self, x, ctx, temb, rope, lengths, cache_stream):
+    def _run_blocks(self, x, ctx, temb, rope, lengths, cache_stream, options):
+        """The dual- then single-stream blocks; returns the image tokens.
+
+        A block listed in ``options["patches_replace"]["dit"]`` under ``("double_block", i)`` or
+        ``("single_block", i)`` is replaced by that function, called as ComfyUI's DiTs call it:
+        ``replace(args, {"original_block": run})`` with args {"img", "txt" (dual only), "vec": the
+        conditioning vector, "pe": RoPE (cos, sin), "attention_mask": per-sample text lengths or None,
+        "transformer_options"}; ``run(args)`` computes the block. It returns {"img", "txt"} (dual) or
+        {"img"} (single, where "img" is the joined image + text sequence).
+        """
         backend = self.attention_backend
+        replace = options.get("patches_replace", {}).get("dit", {})
         cache = self.cache
         if cache is not None:
             shift, scale = self.transformer_blocks[0].norm1(temb)[:2]
             if cache.can_skip(cache_stream, modulate(x, shift, scale)):
                 return x + cache.residual(cache_stream)
         x_in = x
-        for block in self.transformer_blocks:
-            x, ctx = block(x, ctx, temb, rope, lengths, backend)
-        for block in self.single_transformer_blocks:
-            x, ctx = block(x, ctx, temb, rope, lengths, backend)
+        common = {"vec": temb, "pe": rope, "attention_mask": lengths, "transformer_options": options}
+        for i, block in enumerate(self.transformer_blocks):
+            if ("double_block", i) in replace:
+                def run(args, block=block):
+                    img, txt = block(args["img"], args["txt"], args["vec"], args["pe"], args["attention_mask"], backend,
+                                     args["transformer_options"])
+                    return {"img": img, "txt": txt}
+
+                out = replace[("double_block", i)]({"img": x, "txt": ctx, **common}, {"original_block": run})
+                x, ctx = out["img"], out["txt"]
+            else:
+                x, ctx = block(x, ctx, temb, rope, lengths, backend, options)
+        n = x.shape[1]
+        tokens = torch.cat([x, ctx], 1)
+        for i, block in enumerate(self.single_transformer_blocks):
+            if ("single_block", i) in replace:
+                def run(args, block=block):
+                    return {"img": block(args["img"], args["vec"], args["pe"], args["attention_mask"], backend,
+                                         args["transformer_options"])}
+
+                tokens = replace[("single_block", i)]({"img": tokens, **common}, {"original_block": run})["img"]
+            else:
+                tokens = block(tokens, temb, rope, lengths, backend, options)
+        x = tokens[:, :n]
         if cache is not None:
             cache.store(cache_stream, x - x_in)
         return x

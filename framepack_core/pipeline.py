@@ -61,7 +61,7 @@ class GenerationResult:
 def generate(model, schedule, start_latent, image_embeddings, prompt, negative=None, settings=SamplingSettings(),
              *, end_latent=None, end_image_embeddings=None, keyframes=None, timed_prompts=(),
              extend_latents=None, fps=30.0, sample_section=None, on_step=None, on_section=None, interrupt=None,
-             device=None):
+             device=None, model_call=None, transformer_options=None):
     """Generate a video's latents section by section.
 
     start_latent: (1, C, 1, H, W). image_embeddings: SigLIP last_hidden_state (1, 729, 1152) of the start
@@ -80,6 +80,10 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
     on_section(section, video_latents_so_far): after every section. interrupt(): raises to stop.
     device: where the transformer runs (default: where its first weight is; pass it when the model is
         partially loaded, e.g. by ComfyUI's low-VRAM mode).
+    model_call, transformer_options: how a host routes transformer calls through its own machinery
+        (ComfyUI: wrappers and patches). model_call(hidden_states=, timestep=, transformer_options=,
+        **inputs) -> velocity replaces calling ``model`` directly; transformer_options (a dict) goes to
+        every call with "sample_sigmas" (the section's schedule), "sigmas" and "cond_or_uncond" added.
     """
     mode, window = schedule.mode, schedule.window
     if not fps > 0:
@@ -92,7 +96,7 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
     timed = _check_timed_prompts(timed_prompts)
     if end_image_embeddings is not None:
         _check_embeddings("end_image_embeddings", end_image_embeddings, like=image_embeddings)
-    sample_section = sample_section or DefaultSectionSampler(model, settings)
+    sample_section = sample_section or DefaultSectionSampler(model, settings, model_call, transformer_options)
     negative = negative if settings.cfg != 1.0 else None
 
     device = torch.device(device) if device is not None else _device(model)
@@ -130,8 +134,9 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
 class DefaultSectionSampler:
     """Samples one section with the flow-matching samplers and the transformer, as the original does."""
 
-    def __init__(self, model, settings):
+    def __init__(self, model, settings, model_call=None, transformer_options=None):
         self.model, self.settings = model, settings
+        self.model_call, self.transformer_options = model_call or model, transformer_options
 
     def __call__(self, noise, positive, negative, on_step, interrupt):
         s, model = self.settings, self.model
@@ -140,7 +145,11 @@ class DefaultSectionSampler:
         if s.teacache_threshold is not None:  # a fresh cache per section, as the original resets it
             positive = {**positive, "cache_stream": "positive"}
             negative = None if negative is None else {**negative, "cache_stream": "negative"}
-        denoise = make_flow_denoiser(model, positive, negative, s.cfg, s.cfg_rescale, dtype=s.dtype)
+        options = None
+        if self.transformer_options is not None:
+            options = {**self.transformer_options, "sample_sigmas": sigmas.to(noise.device, torch.float32)}
+        denoise = make_flow_denoiser(self.model_call, positive, negative, s.cfg, s.cfg_rescale, dtype=s.dtype,
+                                     transformer_options=options)
         previous = getattr(model, "cache", None)
         if s.teacache_threshold is not None:
             model.cache = TeaCache(s.steps, s.teacache_threshold)

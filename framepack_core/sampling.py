@@ -52,13 +52,16 @@ def sigma_schedule(steps, token_count=None, shift=None):
 
 
 def make_flow_denoiser(model, positive, negative=None, cfg_scale=1.0, cfg_rescale=0.0,
-                       dtype=torch.float32, t_scale=1000.0):
+                       dtype=torch.float32, t_scale=1000.0, transformer_options=None):
     """Wrap a velocity model as ``denoise(x, sigma_vec) -> x0`` with classifier-free guidance.
 
     ``model(hidden_states=x, timestep=sigma * t_scale, **cond)`` gets both in ``dtype`` and returns the
     velocity. The negative prompt is only evaluated when ``cfg_scale != 1`` (real CFG doubles the cost).
     ``cfg_rescale`` in [0, 1] blends the guided velocity toward one with the positive's per-sample std,
     which counters the over-saturation strong CFG causes.
+    ``transformer_options``: when given (a dict), every call also gets ``transformer_options`` holding
+    it plus, as ComfyUI's samplers set them, "sigmas" (the current sigma per sample) and
+    "cond_or_uncond" ([0] for the positive prompt, [1] for the negative).
     """
     if cfg_scale != 1.0 and negative is None:
         raise ValueError(f"cfg_scale={cfg_scale} needs a negative conditioning; pass negative=... "
@@ -70,9 +73,15 @@ def make_flow_denoiser(model, positive, negative=None, cfg_scale=1.0, cfg_rescal
         sigma = sigma.float()
         x_in = x.to(dtype)
         timestep = (sigma * t_scale).to(dtype)
-        v = v_pos = model(hidden_states=x_in, timestep=timestep, **positive).float()
+        def velocity(cond, index):
+            if transformer_options is None:
+                return model(hidden_states=x_in, timestep=timestep, **cond).float()
+            options = {**transformer_options, "sigmas": sigma, "cond_or_uncond": [index]}
+            return model(hidden_states=x_in, timestep=timestep, transformer_options=options, **cond).float()
+
+        v = v_pos = velocity(positive, 0)
         if cfg_scale != 1.0:
-            v_neg = model(hidden_states=x_in, timestep=timestep, **negative).float()
+            v_neg = velocity(negative, 1)
             v = v_neg + cfg_scale * (v_pos - v_neg)
         if cfg_rescale != 0.0:
             dims = list(range(1, v.ndim))

@@ -1,24 +1,28 @@
 """FramePack as a ComfyUI MODEL, and the node that loads it.
 
 The core transformer is built with ComfyUI's own layer classes (comfy.ops) and wrapped in a
-``comfy.model_base.BaseModel`` held by a ``ModelPatcher``, so ComfyUI's memory management loads and
-offloads it (partial "lowvram" loading included) and the stock LoRA loader can patch its weights.
+``comfy.model_base.BaseModel`` held by ComfyUI's model patcher, so ComfyUI's memory management loads and
+offloads it (partial "lowvram" loading included), the stock LoRA loader can patch its weights, and
+transformer calls go through ``BaseModel.apply_model`` with ComfyUI's wrappers and patches.
 """
 
+import logging
 import math
 import os
 
 import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management as mm
-import comfy.model_patcher
 import comfy.ops
+import comfy.patcher_extension
 import comfy.supported_models_base
 import folder_paths
 import torch
 
 from ..framepack_core.attention import BACKENDS
-from ..framepack_core.loading import CheckpointError, load_transformer, read_key_shapes, SAFETENSORS_DTYPES
+from ..framepack_core.loading import (CheckpointError, load_transformer, read_key_shapes, read_quantization,
+                                      SAFETENSORS_DTYPES)
+from . import comfy_compat
 
 WEIGHT_DTYPES = {
     "auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
@@ -44,9 +48,18 @@ class FramePackModel(comfy.model_base.BaseModel):
     def get_dtype(self):
         return self.diffusion_model.compute_dtype
 
-    def _apply_model(self, *args, **kwargs):
-        raise RuntimeError("A FramePack MODEL samples video section by section with packed context: connect it "
-                           "to the 'FramePack Sampler' node, not to KSampler or SamplerCustom.")
+    def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **inputs):
+        """The transformer's velocity for FramePack Sampler's inputs, run inside ComfyUI's
+        ``DIFFUSION_MODEL`` wrappers. ``apply_model`` (which runs the ``APPLY_MODEL`` wrappers, e.g.
+        TorchCompileModel's) calls this; ``t`` is the sigma, the transformer's inputs come as keywords."""
+        if "encoder_hidden_states" not in inputs:
+            raise RuntimeError("A FramePack MODEL samples video section by section with packed context: connect "
+                               "it to the 'FramePack Sampler' node, not to KSampler or SamplerCustom.")
+        wrappers = comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                            transformer_options)
+        executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self.diffusion_model, self.diffusion_model, wrappers)
+        return executor.execute(hidden_states=x, transformer_options=transformer_options, **inputs)
 
 
 def model_choices():
@@ -72,23 +85,32 @@ def resolve_model_path(name):
 def load_framepack(path, weight_dtype="auto", attention="auto"):
     """ModelPatcher holding a FramePack transformer built with comfy.ops layers."""
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    quant = read_quantization(path)
     storage = WEIGHT_DTYPES[weight_dtype]
-    if storage is None:
-        shapes = read_key_shapes(path).values()
+    if quant is not None and storage is not None:
+        logging.warning("[FramePack] %s is quantized (%s): its quantized layers keep their stored format and "
+                        "weight_dtype %s is not applied; the other layers use ComfyUI's automatic dtype.",
+                        os.path.basename(path), quant.format, weight_dtype)
+    if storage is None or quant is not None:  # quantized layers stay as stored: storage is for the rest
+        shapes = [v for k, v in read_key_shapes(path).items() if quant is None or not quant.is_extra(k)]
         params = sum(math.prod(shape) for shape, _ in shapes)
         stored = [SAFETENSORS_DTYPES.get(d) for _, d in shapes]
-        file_dtype = max(set(stored), key=stored.count)
+        file_dtype = None if quant is not None else max(set(stored), key=stored.count)
         storage = mm.unet_dtype(model_params=params, supported_dtypes=FramePackModelConfig.supported_inference_dtypes,
                                 weight_dtype=file_dtype)
     compute = mm.unet_manual_cast(storage, load_device, FramePackModelConfig.supported_inference_dtypes) or storage
-    operations = comfy.ops.pick_operations(storage, compute, load_device=load_device,
-                                           fp8_optimizations=weight_dtype == "fp8_e4m3fn_fast")
+    fast_fp8 = weight_dtype == "fp8_e4m3fn_fast"
+    convert_state = None
+    if quant is None:
+        operations = comfy.ops.pick_operations(storage, compute, load_device=load_device, fp8_optimizations=fast_fp8)
+    else:
+        operations, convert_state = comfy_compat.quantized_operations(quant, compute, load_device, fast_fp8)
     transformer = load_transformer(path, compute_dtype=compute, storage_dtype=storage, operations=operations,
-                                   attention_backend=attention, device=offload_device)
+                                   attention_backend=attention, device=offload_device, convert_state=convert_state)
     config = FramePackModelConfig(FramePackModelConfig.unet_config)  # BASE() sets unet_config from its argument
     config.set_inference_dtype(storage, None if compute == storage else compute)
     model = FramePackModel(transformer, config, device=offload_device)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return comfy_compat.model_patcher_class()(model, load_device=load_device, offload_device=offload_device)
 
 
 class FramePackModelLoader:
@@ -114,5 +136,5 @@ class FramePackModelLoader:
     def load(self, model_name, weight_dtype, attention):
         try:
             return (load_framepack(resolve_model_path(model_name), weight_dtype, attention),)
-        except CheckpointError as e:
+        except ValueError as e:  # CheckpointError included
             raise ValueError(f"{model_name}: {e}") from e

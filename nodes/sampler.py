@@ -3,6 +3,8 @@
 import logging
 
 import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.utils
 import latent_preview
 
@@ -55,6 +57,26 @@ def video_latent(latent, name, scale):
     return samples.float() * scale
 
 
+def patched_model_call(model):
+    """(model_call, transformer_options) that run each transformer call as ComfyUI's samplers do.
+
+    The options are the MODEL's ``transformer_options`` (block patches, attention override) with its
+    wrappers and callbacks merged in; each call goes through ``BaseModel.apply_model``, so the
+    ``APPLY_MODEL`` and ``DIFFUSION_MODEL`` wrappers (TorchCompileModel's among them) run around it.
+    """
+    options = comfy.model_patcher.create_model_options_clone(model.model_options).get("transformer_options", {})
+    for kind in ("wrappers", "callbacks"):
+        comfy.patcher_extension.merge_nested_dicts(options.setdefault(kind, {}), getattr(model, kind),
+                                                   copy_dict1=False)
+    base = model.model
+
+    def model_call(hidden_states, timestep, transformer_options, **inputs):
+        return base.apply_model(hidden_states, transformer_options["sigmas"], transformer_options=transformer_options,
+                                timestep=timestep, **inputs)
+
+    return model_call, options
+
+
 class FramePackSampler:
     DESCRIPTION = ("Generates a video section by section with FramePack: the start image conditions every "
                    "section through packed 1x/2x/4x context, sampled in the schedule's order.")
@@ -103,8 +125,7 @@ class FramePackSampler:
     def sample(self, model, positive, negative, start_image_embeds, start_latent, schedule, steps, seed,
                distilled_guidance, cfg, cfg_rescale, shift, sampler, teacache, end_image_embeds=None,
                end_latent=None, keyframes=None, timed_prompts=None, extend_latent=None):
-        transformer = model.model.diffusion_model
-        config, fmt = transformer.config, model.model.latent_format
+        config, fmt = model.get_model_object("diffusion_model").config, model.model.latent_format
         plan = schedule.build(config.clean_kernels)
         scale = fmt.scale_factor
         start = video_latent(start_latent, "start_latent", scale)
@@ -114,13 +135,14 @@ class FramePackSampler:
         if extend is not None and plan.mode == "inverted":
             logging.warning("[FramePack] inverted extension starts from the last frame of extend_latent; "
                             "start_latent is not used (start_image_embeds should show that last frame).")
+        height, width = start.shape[-2:]
+        tokens = plan.token_budget(height, width).total_tokens
+        compute_dtype = model.get_model_object("diffusion_model").compute_dtype
+        mm.load_models_gpu([model], memory_required=section_memory_bytes(config, tokens, compute_dtype))
+        transformer = model.get_model_object("diffusion_model")  # after loading: object patches are applied
         settings = SamplingSettings(steps=steps, seed=seed, distilled_guidance=distilled_guidance, cfg=cfg,
                                     cfg_rescale=cfg_rescale, shift=shift or None, sampler=sampler,
                                     teacache_threshold=teacache or None, dtype=transformer.compute_dtype)
-
-        height, width = start.shape[-2:]
-        tokens = plan.token_budget(height, width).total_tokens
-        mm.load_models_gpu([model], memory_required=section_memory_bytes(config, tokens, transformer.compute_dtype))
         total = len(plan) * steps
         pbar = comfy.utils.ProgressBar(total)
         previewer = latent_preview.get_previewer(model.load_device, fmt)
@@ -129,18 +151,24 @@ class FramePackSampler:
             preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
             pbar.update_absolute(section * section_steps + step + 1, total, preview)
 
-        result = generate(
-            transformer, plan, None if extend is not None and plan.mode == "inverted" else start,
-            image_embeddings(start_image_embeds, "start", config),
-            prompt_from_conditioning(positive, "positive", config),
-            prompt_from_conditioning(negative, "negative", config) if cfg != 1.0 else None,
-            settings,
-            end_latent=None if end_latent is None else video_latent(end_latent, "end_latent", scale),
-            end_image_embeddings=None if end_image_embeds is None else image_embeddings(end_image_embeds, "end", config),
-            keyframes={k: v * scale for k, v in (keyframes or {}).items()},
-            timed_prompts=[TimedPrompt(prompt_from_conditioning(c, "timed", config), a, b)
-                           for c, a, b in (timed_prompts or [])],
-            extend_latents=extend, fps=schedule.fps, on_step=on_step,
-            interrupt=mm.throw_exception_if_processing_interrupted, device=model.load_device)
+        model_call, transformer_options = patched_model_call(model)
+        model.pre_run()  # as ComfyUI's samplers do: current_patcher and ON_PRE_RUN callbacks
+        try:
+            result = generate(
+                transformer, plan, None if extend is not None and plan.mode == "inverted" else start,
+                image_embeddings(start_image_embeds, "start", config),
+                prompt_from_conditioning(positive, "positive", config),
+                prompt_from_conditioning(negative, "negative", config) if cfg != 1.0 else None,
+                settings,
+                end_latent=None if end_latent is None else video_latent(end_latent, "end_latent", scale),
+                end_image_embeddings=None if end_image_embeds is None else image_embeddings(end_image_embeds, "end", config),
+                keyframes={k: v * scale for k, v in (keyframes or {}).items()},
+                timed_prompts=[TimedPrompt(prompt_from_conditioning(c, "timed", config), a, b)
+                               for c, a, b in (timed_prompts or [])],
+                extend_latents=extend, fps=schedule.fps, on_step=on_step,
+                interrupt=mm.throw_exception_if_processing_interrupted, device=model.load_device,
+                model_call=model_call, transformer_options=transformer_options)
+        finally:
+            model.cleanup()
         return ({"samples": result.latents / scale, "framepack_sections": result.sections,
                  "framepack_mode": result.mode, "framepack_window": result.window},)

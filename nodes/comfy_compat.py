@@ -1,0 +1,58 @@
+"""Every difference between the ComfyUI versions this pack supports (0.3.64 to 0.38.x), in one place.
+
+Each function picks its branch by what the installed ComfyUI has, never by its version string. The
+branches 0.3.64 takes run in the test suite (tests/comfyui, against ../shared/comfyui). The 0.38.x
+branches were verified by reading ComfyUI 0.38.x sources only; each function names the files read, and
+the README lists them under "Supported ComfyUI versions".
+"""
+
+import comfy.model_patcher
+import comfy.ops
+import comfy.utils
+
+# comfy_quant checkpoints and comfy.ops.mixed_precision_ops arrived with Comfy-Org/ComfyUI PR #10498
+# (merged late October 2025), first released in this version
+MIXED_PRECISION_MIN_VERSION = "0.3.68"
+
+
+def model_patcher_class():
+    """The patcher ComfyUI's own model loaders use.
+
+    0.38.x (read: comfy/model_patcher.py, main.py, comfy/clip_vision.py): ``CoreModelPatcher`` is
+    ``ModelPatcher``, rebound at start-up to ``ModelPatcherDynamic`` when Dynamic VRAM (comfy-aimdo) is
+    on; loaders build ``CoreModelPatcher(model, load_device=..., offload_device=...)``.
+    0.3.64 (tested): only ``ModelPatcher``.
+    """
+    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+
+
+def quantized_operations(quant, compute_dtype, load_device, fp8_optimizations=False):
+    """(operations, convert_state) that load a quantized checkpoint (``quantized.Quantization``).
+
+    - Scaled fp8 where ``comfy.ops.scaled_fp8_ops`` exists (0.3.64, tested): its Linear holds
+      ``scale_weight`` / ``scale_input`` parameters and reads the tensors as stored (no conversion).
+    - Otherwise ComfyUI's mixed-precision layers (0.38.x, read: comfy/ops.py ``mixed_precision_ops``,
+      ``_load_quantized_module``, ``pick_operations(..., model_config=)``; comfy/utils.py
+      ``convert_old_quants``; comfy/quant_ops.py): ``convert_old_quants`` turns scaled fp8 into
+      per-layer ``comfy_quant`` configs with ``weight_scale`` / ``input_scale``, which those layers read.
+    - comfy_quant on a ComfyUI without mixed-precision layers: an error naming the version to update to.
+    """
+    if quant.format == "scaled_fp8" and hasattr(comfy.ops, "scaled_fp8_ops"):
+        operations = comfy.ops.scaled_fp8_ops(fp8_matrix_mult=False, scale_input=quant.input_scales,
+                                              override_dtype=quant.dtype)
+        return operations, None
+    if not hasattr(comfy.ops, "mixed_precision_ops"):
+        raise ValueError(f"This checkpoint is quantized in ComfyUI's {quant.format} layout, which the installed "
+                         f"ComfyUI cannot run: update ComfyUI to {MIXED_PRECISION_MIN_VERSION} or newer, or use a "
+                         "bf16 or plain fp8 FramePack checkpoint.")
+
+    class QuantizedModelConfig:  # pick_operations only asks whether a quant_config is set
+        quant_config = {"mixed_ops": True}
+
+    operations = comfy.ops.pick_operations(None, compute_dtype, load_device=load_device,
+                                           fp8_optimizations=fp8_optimizations, model_config=QuantizedModelConfig)
+
+    def convert_state(state):
+        return comfy.utils.convert_old_quants(state, "", metadata={})[0]
+
+    return operations, convert_state if quant.format == "scaled_fp8" else None
