@@ -45,9 +45,10 @@ def diffusers_config(config):
     }
 
 
-def save_single_file(path, state, prefix="", dtype=None):
+def save_single_file(path, state, prefix="", dtype=None, metadata=None):
     """One .safetensors file, keys optionally prefixed (e.g. "model.diffusion_model.")."""
-    save_file({prefix + k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in state.items()}, str(path))
+    save_file({prefix + k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in state.items()}, str(path),
+              metadata=metadata)
     return Path(path)
 
 
@@ -107,3 +108,41 @@ def section_inputs(config=TINY, layout="inverted", batch=1, height=8, width=8, w
         kwargs.update(clean_latents_2x=randn(batch, c, 2, *hw), clean_latent_2x_indices=i2,
                       clean_latents_4x=randn(batch, c, 16, *hw), clean_latent_4x_indices=i4)
     return kwargs
+
+
+def quantized_state(state, layout, input_scales=False):
+    """``state`` in one of ComfyUI's quantized layouts (see quantized.py), and its dequantized twin.
+
+    Every block matrix becomes fp8 e4m3fn with a per-tensor scale (weight = fp8 * scale). layout:
+    "scaled_fp8" (marker, ``scale_weight``, optional ``scale_input``), "comfy_quant" (per-layer
+    ``comfy_quant`` config tensors, ``weight_scale``, optional ``input_scale``) or "comfy_quant_metadata"
+    (the configs go to the safetensors metadata instead). Returns (tensors, metadata, dequantized state).
+    """
+    from .quantized import METADATA_KEY, json_tensor
+
+    fp8 = torch.float8_e4m3fn
+    tensors, dequantized, configs = dict(state), dict(state), {}
+    layers = [k[: -len(".weight")] for k, v in state.items() if k.endswith(".weight") and v.ndim == 2
+              and k.startswith(("transformer_blocks.", "single_transformer_blocks."))]
+    for layer in layers:
+        weight = state[f"{layer}.weight"].float()
+        scale = weight.abs().max() / torch.finfo(fp8).max
+        stored = (weight / scale).to(fp8)
+        tensors[f"{layer}.weight"] = stored
+        dequantized[f"{layer}.weight"] = stored.float() * scale
+        if layout == "scaled_fp8":
+            tensors[f"{layer}.scale_weight"] = scale
+            if input_scales:
+                tensors[f"{layer}.scale_input"] = torch.ones(())
+        else:
+            tensors[f"{layer}.weight_scale"] = scale
+            if input_scales:
+                tensors[f"{layer}.input_scale"] = torch.ones(())
+            configs[layer] = {"format": "float8_e4m3fn"}
+            if layout == "comfy_quant":
+                tensors[f"{layer}.comfy_quant"] = json_tensor(configs[layer])
+    if layout == "scaled_fp8":
+        tensors["scaled_fp8"] = torch.empty(0, dtype=fp8)
+    metadata = {METADATA_KEY: json.dumps({"format_version": "1.0", "layers": configs})} \
+        if layout == "comfy_quant_metadata" else None
+    return tensors, metadata, dequantized
