@@ -219,3 +219,34 @@ def test_uninferable_rope_axes_ask_for_config(tmp_path):
     folder = save_diffusers_folder(tmp_path / "folder", state, odd, shards=1)
     assert load_transformer(folder).config == odd
     assert json.loads((folder / "config.json").read_text())["rope_axes_dim"] == [4, 6, 6]
+
+
+class LazyOps(TorchOps):
+    """Layers that start without a weight and take it when the state dict is loaded (as Dynamic-VRAM comfy.ops
+    Linear layers do in newer ComfyUI)."""
+
+    class Linear(torch.nn.Linear):
+        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+            torch.nn.Module.__init__(self)
+            self.in_features, self.out_features = in_features, out_features
+            self.weight = self.bias = None
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+            for name in ("weight", "bias"):
+                if prefix + name in state_dict:
+                    setattr(self, name, torch.nn.Parameter(state_dict[prefix + name], requires_grad=False))
+
+
+def test_layers_that_start_without_weights_load(tiny_state, tiny_file, reference):
+    model = load_transformer(tiny_file, operations=LazyOps)
+    assert isinstance(model.proj_out, LazyOps.Linear) and model.proj_out.weight is not None
+    assert _same_weights(model, tiny_state)
+    inputs = section_inputs(TINY)
+    assert relative_error(model(**inputs), run_reference(reference, inputs)) < 1e-5
+
+
+def test_a_layer_left_without_its_weight_is_named(tiny_state, tmp_path):
+    # a lazy layer that is not given its tensor stays empty without telling load_state_dict
+    state = {k: v for k, v in tiny_state.items() if k != "transformer_blocks.0.attn.to_q.weight"}
+    with pytest.raises(CheckpointError, match=r"missing 1 tensors \(e.g. transformer_blocks.0.attn.to_q.weight\)"):
+        load_transformer(save_single_file(tmp_path / "m.safetensors", state), operations=LazyOps)
