@@ -39,7 +39,7 @@ class Quantization:
 
     def is_extra(self, key):
         """A tensor of the quantized layout rather than of the model (marker, scales, configs)."""
-        return key == MARKER or key.endswith(SCALED_FP8_SUFFIXES + COMFY_QUANT_SUFFIXES)
+        return key.rpartition(".")[2] == MARKER or key.endswith(SCALED_FP8_SUFFIXES + COMFY_QUANT_SUFFIXES)
 
     def keeps_dtype(self, key):
         """Tensors that must reach the layers exactly as stored."""

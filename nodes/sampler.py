@@ -125,7 +125,8 @@ class FramePackSampler:
     def sample(self, model, positive, negative, start_image_embeds, start_latent, schedule, steps, seed,
                distilled_guidance, cfg, cfg_rescale, shift, sampler, teacache, end_image_embeds=None,
                end_latent=None, keyframes=None, timed_prompts=None, extend_latent=None):
-        config, fmt = model.get_model_object("diffusion_model").config, model.model.latent_format
+        unloaded = model.get_model_object("diffusion_model")
+        config, fmt = unloaded.config, model.model.latent_format
         plan = schedule.build(config.clean_kernels)
         scale = fmt.scale_factor
         start = video_latent(start_latent, "start_latent", scale)
@@ -137,9 +138,8 @@ class FramePackSampler:
                             "start_latent is not used (start_image_embeds should show that last frame).")
         height, width = start.shape[-2:]
         tokens = plan.token_budget(height, width).total_tokens
-        compute_dtype = model.get_model_object("diffusion_model").compute_dtype
-        mm.load_models_gpu([model], memory_required=section_memory_bytes(config, tokens, compute_dtype))
-        transformer = model.get_model_object("diffusion_model")  # after loading: object patches are applied
+        mm.load_models_gpu([model], memory_required=section_memory_bytes(config, tokens, unloaded.compute_dtype))
+        transformer = model.get_model_object("diffusion_model")  # read again once loaded, object patches applied
         settings = SamplingSettings(steps=steps, seed=seed, distilled_guidance=distilled_guidance, cfg=cfg,
                                     cfg_rescale=cfg_rescale, shift=shift or None, sampler=sampler,
                                     teacache_threshold=teacache or None, dtype=transformer.compute_dtype)
