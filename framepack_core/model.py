@@ -359,7 +359,6 @@ class FramePackTransformer(nn.Module):
         self.attention_backend = check_backend(attention_backend)
         self.compute_dtype = compute_dtype
         self.fp32_output = fp32_output  # the original runs the last projection in fp32
-        self.cache = None  # optional step cache (cache.TeaCache)
 
         self.x_embedder = nn.Module()
         self.x_embedder.proj = ops.Conv3d(cfg.in_channels, dim, cfg.patch_size, stride=cfg.patch_size, **kw)
@@ -428,8 +427,7 @@ class FramePackTransformer(nn.Module):
                 image_embeddings, guidance=None, latent_indices=None,
                 clean_latents=None, clean_latent_indices=None,
                 clean_latents_2x=None, clean_latent_2x_indices=None,
-                clean_latents_4x=None, clean_latent_4x_indices=None, cache_stream="positive",
-                transformer_options=None):
+                clean_latents_4x=None, clean_latent_4x_indices=None, cache=None, transformer_options=None):
         """Velocity for the noisy latents ``hidden_states`` (B, C, T, H, W).
 
         timestep, guidance: (B,) already scaled by 1000. Text: hidden states (B, N, text_dim) with a
@@ -439,6 +437,8 @@ class FramePackTransformer(nn.Module):
         ``optimized_attention_override`` replaces every attention kernel, and
         ``patches_replace["dit"][("double_block", i)]`` / ``[("single_block", i)]`` replace a block
         (see ``_run_blocks``). None or {}: the plain forward.
+        cache: a step-cache state (``cache.TeaCache(...).start(steps)``) for batch 1, or a list of one state
+        per sample; samples whose state says "skip" reuse their cached residual, the others compute.
         """
         options = transformer_options or {}
         dtype = self.compute_dtype or hidden_states.dtype
@@ -456,9 +456,9 @@ class FramePackTransformer(nn.Module):
         text = encoder_hidden_states.to(device, dtype)
         mask = encoder_attention_mask
         if mask is None:
-            mask = torch.ones(text.shape[:2], dtype=torch.bool, device=device)
+            mask = torch.ones(text.shape[:2], dtype=torch.bool)
+        text_lengths = _prefix_lengths(mask)  # read where the mask is (a CPU mask needs no device sync)
         mask = mask.to(device)
-        text_lengths = _prefix_lengths(mask)
         text = text[:, : max(text_lengths)]  # padding past the longest prompt is never attended to
         mask = mask[:, : text.shape[1]]
         same = len(set(text_lengths)) == 1
@@ -473,7 +473,7 @@ class FramePackTransformer(nn.Module):
         ctx = torch.cat([image, ctx], 1)  # image tokens first, so text padding stays at the end
         lengths = None if same else [x.shape[1] + image.shape[1] + n for n in text_lengths]
 
-        x = self._run_blocks(x, ctx, temb, rope, lengths, cache_stream, options)
+        x = self._run_blocks(x, ctx, temb, rope, lengths, cache, options)
 
         x = x[:, -num_noisy:]
         shift, scale = self.norm_out(temb)[::-1]  # stored as (scale, shift)
@@ -482,7 +482,7 @@ class FramePackTransformer(nn.Module):
         return rearrange(x, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
                          t=frames // pt, h=h // ph, w=w // pw, pt=pt, ph=ph, pw=pw)
 
-    def _run_blocks(self, x, ctx, temb, rope, lengths, cache_stream, options):
+    def _blocks(self, x, ctx, temb, rope, lengths, options):
         """The dual- then single-stream blocks; returns the image tokens.
 
         A block listed in ``options["patches_replace"]["dit"]`` under ``("double_block", i)`` or
@@ -494,12 +494,6 @@ class FramePackTransformer(nn.Module):
         """
         backend = self.attention_backend
         replace = options.get("patches_replace", {}).get("dit", {})
-        cache = self.cache
-        if cache is not None:
-            shift, scale = self.transformer_blocks[0].norm1(temb)[:2]
-            if cache.can_skip(cache_stream, modulate(x, shift, scale)):
-                return x + cache.residual(cache_stream)
-        x_in = x
         common = {"vec": temb, "pe": rope, "attention_mask": lengths, "transformer_options": options}
         for i, block in enumerate(self.transformer_blocks):
             if ("double_block", i) in replace:
@@ -523,10 +517,31 @@ class FramePackTransformer(nn.Module):
                 tokens = replace[("single_block", i)]({"img": tokens, **common}, {"original_block": run})["img"]
             else:
                 tokens = block(tokens, temb, rope, lengths, backend, options)
-        x = tokens[:, :n]
-        if cache is not None:
-            cache.store(cache_stream, x - x_in)
-        return x
+        return tokens[:, :n]
+
+    def _run_blocks(self, x, ctx, temb, rope, lengths, cache, options):
+        """The blocks (``_blocks``), skipped per sample where that sample's cache state says so."""
+        if cache is None:
+            return self._blocks(x, ctx, temb, rope, lengths, options)
+        states = list(cache) if isinstance(cache, (list, tuple)) else [cache]
+        if len(states) != x.shape[0]:
+            raise ValueError(f"{len(states)} cache states for a batch of {x.shape[0]}: pass one per sample.")
+        shift, scale = self.transformer_blocks[0].norm1(temb)[:2]
+        modulated = modulate(x, shift, scale)
+        skip = [state.can_skip(modulated[i : i + 1]) for i, state in enumerate(states)]
+        run = [i for i, s in enumerate(skip) if not s]
+        out = None
+        if run:  # only the samples that compute go through the blocks (all of them: the tensors as they are)
+            pick = slice(None) if len(run) == len(states) else torch.tensor(run, device=x.device)
+            cos, sin = (t if t.shape[0] == 1 else t[pick] for t in rope)
+            sub_lengths = None if lengths is None else [lengths[i] for i in run]
+            out = self._blocks(x[pick], ctx[pick], temb[pick], (cos, sin), sub_lengths, options)
+            for j, i in enumerate(run):
+                states[i].store(out[j : j + 1] - x[i : i + 1])
+            if len(run) == len(states):
+                return out
+        rows = {i: out[j : j + 1] for j, i in enumerate(run)}
+        return torch.cat([rows[i] if i in rows else x[i : i + 1] + states[i].residual for i in range(len(states))])
 
 
 def _prefix_lengths(mask):
@@ -541,12 +556,24 @@ def _prefix_lengths(mask):
     return lengths.tolist()
 
 
-def section_memory_bytes(config, tokens, dtype=torch.bfloat16, text_tokens=512 + 729):
-    """Rough peak activation memory of one transformer call over ``tokens`` latent tokens.
+# a 10% margin over the fitted formula: bench/memory.py measures estimate / peak = 1.10 at the 640 and 960
+# buckets, bf16 and fp32, batch 1 and 2
+MEMORY_MARGIN = 1.10
 
-    The widest tensors live in a single-stream block: attention q/k/v/out and the MLP hidden state for
-    every token, plus the residual stream; attention itself runs in a memory-efficient kernel.
+
+def section_memory_bytes(config, tokens, dtype=torch.bfloat16, text_tokens=512 + 729, batch=1):
+    """Peak activation memory of one transformer call over ``tokens`` latent tokens (``batch`` samples).
+
+    Measured (bench/memory.py), the peak sits at a single-stream block's concat of attention and MLP
+    output and does not depend on depth. Alive then, per token: the concat (D + M), the GELU output (M),
+    the attention output, the block's input tokens and their modulated copy (3 D), and the residual
+    stream twice (the packed input and the current one, 2 D), in the compute dtype; plus RoPE's fp32
+    cos/sin tables for the latent tokens. Attention kernels' workspace (the fp32 log-sum-exp of SDPA's
+    flash/efficient kernels and flash_attn, SageAttention's int8 q/k, the per-sample output buffer of
+    masked batches) lives while at most 7 D per token are alive, so no backend moves the peak.
     """
     n = tokens + text_tokens
-    width = 6 * config.inner_dim + 2 * config.mlp_dim
-    return int(n * width * torch.empty((), dtype=dtype).element_size() * 1.5)
+    width, mlp = config.inner_dim, config.mlp_dim
+    concat_peak = n * torch.empty((), dtype=dtype).element_size() * (6 * width + 2 * mlp)
+    rope_tables = 2 * tokens * config.head_dim * 4
+    return int(MEMORY_MARGIN * batch * (concat_peak + rope_tables))

@@ -46,7 +46,9 @@ class SamplingSettings:
     cfg_rescale: float = 0.0
     shift: Optional[float] = None  # None: from the section's token count, as the original
     sampler: str = "unipc_bh1"
-    teacache_threshold: Optional[float] = None  # None: TeaCache off; 0.15 is the original's setting
+    teacache_threshold: Optional[float] = None  # None: TeaCache off; 0.15 is the original's setting (= cache=TeaCache(t))
+    cache: object = None  # a step-cache strategy (cache.TeaCache / cache.MagCache), fresh state per section and stream
+    cfg_batch: bool = True  # with real CFG, run positive and negative as one batch of 2 (False: one after the other)
     dtype: torch.dtype = torch.bfloat16  # dtype the transformer runs in
 
 
@@ -139,25 +141,29 @@ class DefaultSectionSampler:
         self.model_call, self.transformer_options = model_call or model, transformer_options
 
     def __call__(self, noise, positive, negative, on_step, interrupt):
-        s, model = self.settings, self.model
+        s = self.settings
         _, _, frames, height, width = noise.shape
         sigmas = sigma_schedule(s.steps, token_count=frames * height * width // 4, shift=s.shift)
-        if s.teacache_threshold is not None:  # a fresh cache per section, as the original resets it
-            positive = {**positive, "cache_stream": "positive"}
-            negative = None if negative is None else {**negative, "cache_stream": "negative"}
+        cache = step_cache(s)
+        if cache is not None:  # fresh state per section and per stream, as the original resets it
+            positive = {**positive, "cache": cache.start(s.steps, "positive")}
+            negative = None if negative is None else {**negative, "cache": cache.start(s.steps, "negative")}
         options = None
         if self.transformer_options is not None:
             options = {**self.transformer_options, "sample_sigmas": sigmas.to(noise.device, torch.float32)}
         denoise = make_flow_denoiser(self.model_call, positive, negative, s.cfg, s.cfg_rescale, dtype=s.dtype,
-                                     transformer_options=options)
-        previous = getattr(model, "cache", None)
-        if s.teacache_threshold is not None:
-            model.cache = TeaCache(s.steps, s.teacache_threshold)
-        try:
-            return sample(s.sampler, denoise, noise, sigmas, callback=on_step, interrupt=interrupt)
-        finally:
-            if s.teacache_threshold is not None:
-                model.cache = previous
+                                     transformer_options=options, batch_cfg=s.cfg_batch)
+        return sample(s.sampler, denoise, noise, sigmas, callback=on_step, interrupt=interrupt)
+
+
+def step_cache(settings):
+    """The settings' cache strategy; ``teacache_threshold`` is shorthand for ``cache=TeaCache(threshold)``."""
+    if settings.teacache_threshold is None:
+        return settings.cache
+    if settings.cache is not None:
+        raise ValueError(f"Both teacache_threshold={settings.teacache_threshold} and cache={settings.cache!r} are "
+                         "set; give one of them.")
+    return TeaCache(settings.teacache_threshold)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def sigma_schedule(steps, token_count=None, shift=None):
 
 
 def make_flow_denoiser(model, positive, negative=None, cfg_scale=1.0, cfg_rescale=0.0,
-                       dtype=torch.float32, t_scale=1000.0, transformer_options=None):
+                       dtype=torch.float32, t_scale=1000.0, transformer_options=None, batch_cfg=False):
     """Wrap a velocity model as ``denoise(x, sigma_vec) -> x0`` with classifier-free guidance.
 
     ``model(hidden_states=x, timestep=sigma * t_scale, **cond)`` gets both in ``dtype`` and returns the
@@ -62,6 +62,8 @@ def make_flow_denoiser(model, positive, negative=None, cfg_scale=1.0, cfg_rescal
     ``transformer_options``: when given (a dict), every call also gets ``transformer_options`` holding
     it plus, as ComfyUI's samplers set them, "sigmas" (the current sigma per sample) and
     "cond_or_uncond" ([0] for the positive prompt, [1] for the negative).
+    ``batch_cfg``: with real CFG, evaluate positive and negative as one batch (see
+    :func:`batch_conditions`; "cond_or_uncond" is then [0, 1]); same result to float rounding, one call.
     """
     if cfg_scale != 1.0 and negative is None:
         raise ValueError(f"cfg_scale={cfg_scale} needs a negative conditioning; pass negative=... "
@@ -69,20 +71,26 @@ def make_flow_denoiser(model, positive, negative=None, cfg_scale=1.0, cfg_rescal
     if not 0.0 <= cfg_rescale <= 1.0:
         raise ValueError(f"cfg_rescale must be in [0, 1], got {cfg_rescale!r}")
 
+    both = batch_conditions(positive, negative) if batch_cfg and cfg_scale != 1.0 else None
+
     def denoise(x, sigma):
         sigma = sigma.float()
         x_in = x.to(dtype)
         timestep = (sigma * t_scale).to(dtype)
-        def velocity(cond, index):
+        def velocity(cond, cond_or_uncond):
+            n = len(cond_or_uncond)  # a batch of n copies of x, one per conditioning
+            xs, ts, sigmas = (x_in, timestep, sigma) if n == 1 else (torch.cat([t] * n) for t in (x_in, timestep, sigma))
             if transformer_options is None:
-                return model(hidden_states=x_in, timestep=timestep, **cond).float()
-            options = {**transformer_options, "sigmas": sigma, "cond_or_uncond": [index]}
-            return model(hidden_states=x_in, timestep=timestep, transformer_options=options, **cond).float()
+                return model(hidden_states=xs, timestep=ts, **cond).float()
+            options = {**transformer_options, "sigmas": sigmas, "cond_or_uncond": cond_or_uncond}
+            return model(hidden_states=xs, timestep=ts, transformer_options=options, **cond).float()
 
-        v = v_pos = velocity(positive, 0)
-        if cfg_scale != 1.0:
-            v_neg = velocity(negative, 1)
-            v = v_neg + cfg_scale * (v_pos - v_neg)
+        if both is not None:  # one call on a batch of 2
+            v_pos, v_neg = velocity(both, [0, 1]).chunk(2)
+        else:
+            v_pos = velocity(positive, [0])
+            v_neg = velocity(negative, [1]) if cfg_scale != 1.0 else None
+        v = v_pos if v_neg is None else v_neg + cfg_scale * (v_pos - v_neg)
         if cfg_rescale != 0.0:
             dims = list(range(1, v.ndim))
             rescaled = v * (v_pos.std(dim=dims, keepdim=True) / v.std(dim=dims, keepdim=True))
@@ -92,6 +100,48 @@ def make_flow_denoiser(model, positive, negative=None, cfg_scale=1.0, cfg_rescal
         return x0.to(x.dtype)
 
     return denoise
+
+
+def batch_conditions(positive, negative):
+    """The transformer's keyword arguments for positive and negative as one batch (positive first).
+
+    Per-sample tensors are concatenated; prompts of different lengths are zero-padded at the end and
+    masked (the model masks attention per sample); frame indices, shared by both, must be equal; cache
+    states become a list, one per sample, so each stream keeps its own skip decisions.
+    """
+    batched = {}
+    for key in positive.keys() | negative.keys():
+        a, b = positive.get(key), negative.get(key)
+        if key == "encoder_attention_mask":
+            continue  # built with the hidden states
+        if key == "cache":
+            if (a is None) != (b is None):
+                raise ValueError("Only one of the positive and negative conditions has a cache state; give both or none.")
+            batched[key] = None if a is None else [a, b]
+        elif key == "encoder_hidden_states":
+            batched[key], batched["encoder_attention_mask"] = _padded_text(
+                (a, positive.get("encoder_attention_mask")), (b, negative.get("encoder_attention_mask")))
+        elif key.endswith("_indices") or not isinstance(a, torch.Tensor):
+            same = torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a is b or a == b
+            if not same:
+                raise ValueError(f"Batched CFG needs the same {key} for positive and negative; they differ "
+                                 "(use batch_cfg=False).")
+            batched[key] = a
+        else:
+            batched[key] = torch.cat([a, b])
+    return batched
+
+
+def _padded_text(*texts):
+    """Concatenate (hidden states, mask or None) pairs along the batch, zero-padding the tokens at the end."""
+    length = max(t.shape[1] for t, _ in texts)
+    states, masks = [], []
+    for t, m in texts:
+        m = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if m is None else m.bool()
+        pad = length - t.shape[1]
+        states.append(torch.nn.functional.pad(t, (0, 0, 0, pad)))
+        masks.append(torch.nn.functional.pad(m, (0, pad)))
+    return torch.cat(states), torch.cat(masks)
 
 
 def _prepare(x, sigmas, interrupt, denoise):
