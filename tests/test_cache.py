@@ -231,3 +231,16 @@ def test_cfg_streams_keep_separate_state(tiny, calibrated):
         results[batched] = generate_tiny(tiny, settings(cache=cache, cfg=3.0, cfg_batch=batched))
         assert cache.steps == 2 * 2 * STEPS and cache.skipped % 2 == 0  # same ratios: both streams skip alike
     assert torch.allclose(results[True], results[False], atol=1e-4, rtol=1e-4)
+
+
+def test_calibration_command_writes_the_same_file_twice(tiny_file, tmp_path):
+    from framepack_core.magcache_calibrate import main
+
+    files = [tmp_path / f"run{i}.json" for i in range(2)]
+    for path in files:
+        main([str(tiny_file), "--out", str(path), "--steps", "4", "--size", "8", "8", "--window", "3",
+              "--dtype", "float32", "--device", "cpu"])
+    assert files[0].read_text() == files[1].read_text()
+    ratios = load_calibration(files[0])
+    assert len(ratios) == 4 and ratios[0] == 1.0 and all(r > 0 for r in ratios)
+    assert len(MagCache(0.1, ratios=ratios).start(25).ratios) == 25  # usable for another step count
