@@ -3,6 +3,7 @@
 from .decode import FramePackDecode, FramePackDecodeToVideo
 from .helpers import FramePackKeyframe, FramePackResolutionBucket, FramePackTimedPrompt
 from .lora import FramePackLoraLoader
+from .magcache import FramePackMagCacheCalibrate
 from .model import FramePackModelLoader
 from .sampler import FramePackSampler
 from .schedule import FramePackSchedule
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "FramePackLoraLoader": FramePackLoraLoader,
     "FramePackSchedule": FramePackSchedule,
     "FramePackSampler": FramePackSampler,
+    "FramePackMagCacheCalibrate": FramePackMagCacheCalibrate,
     "FramePackDecode": FramePackDecode,
     "FramePackDecodeToVideo": FramePackDecodeToVideo,
     "FramePackResolutionBucket": FramePackResolutionBucket,
@@ -24,6 +26,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FramePackLoraLoader": "FramePack LoRA Loader",
     "FramePackSchedule": "FramePack Schedule",
     "FramePackSampler": "FramePack Sampler",
+    "FramePackMagCacheCalibrate": "FramePack MagCache Calibrate",
     "FramePackDecode": "FramePack Decode",
     "FramePackDecodeToVideo": "FramePack Decode To Video",
     "FramePackResolutionBucket": "FramePack Resolution Bucket",

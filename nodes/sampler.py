@@ -1,16 +1,26 @@
 """The anti-drift sampler node: a whole FramePack generation from ComfyUI's standard inputs."""
 
 import logging
+import os
 
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.utils
+import folder_paths
 import latent_preview
 
+from ..framepack_core.cache import FRAMEPACK_MAG_RATIOS, MagCache, TeaCache, load_calibration
 from ..framepack_core.model import section_memory_bytes
 from ..framepack_core.pipeline import Prompt, SamplingSettings, TimedPrompt, generate
 from ..framepack_core.sampling import SAMPLERS
+
+# MagCache calibrations (JSON) live in models/framepack_magcache/ (more folders via extra_model_paths.yaml)
+MAGCACHE_FOLDER = "framepack_magcache"
+if MAGCACHE_FOLDER not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths[MAGCACHE_FOLDER] = ([os.path.join(folder_paths.models_dir, MAGCACHE_FOLDER)],
+                                                            {".json"})
+BUILTIN_RATIOS = "FramePack-Studio (built-in)"
 
 
 def prompt_from_conditioning(conditioning, name, config):
@@ -120,11 +130,14 @@ class FramePackSampler:
             "timed_prompts": ("FRAMEPACK_PROMPTS", {"tooltip": "From FramePack Timed Prompt: prompts per time range."}),
             "extend_latent": ("LATENT", {"tooltip": "A video's latents to continue (VAEEncode of its frames). "
                               "Forward mode continues after it; inverted starts from its last frame."}),
+            **cache_inputs(),
         }}
 
     def sample(self, model, positive, negative, start_image_embeds, start_latent, schedule, steps, seed,
                distilled_guidance, cfg, cfg_rescale, shift, sampler, teacache, end_image_embeds=None,
-               end_latent=None, keyframes=None, timed_prompts=None, extend_latent=None):
+               end_latent=None, keyframes=None, timed_prompts=None, extend_latent=None, cache="teacache",
+               magcache_calibration=BUILTIN_RATIOS, magcache_threshold=0.1, magcache_max_skips=2,
+               magcache_retention=0.25, cfg_batch="auto"):
         unloaded = model.get_model_object("diffusion_model")
         config, fmt = unloaded.config, model.model.latent_format
         plan = schedule.build(config.clean_kernels)
@@ -136,13 +149,18 @@ class FramePackSampler:
         if extend is not None and plan.mode == "inverted":
             logging.warning("[FramePack] inverted extension starts from the last frame of extend_latent; "
                             "start_latent is not used (start_image_embeds should show that last frame).")
+        step_cache = make_step_cache(cache, teacache, magcache_calibration, magcache_threshold, magcache_max_skips,
+                                     magcache_retention, plan.mode)
+
         height, width = start.shape[-2:]
         tokens = plan.token_budget(height, width).total_tokens
-        mm.load_models_gpu([model], memory_required=section_memory_bytes(config, tokens, unloaded.compute_dtype))
+        memory = lambda batch: section_memory_bytes(config, tokens, unloaded.compute_dtype, batch=batch)  # noqa: E731
+        mm.load_models_gpu([model], memory_required=memory(1))
         transformer = model.get_model_object("diffusion_model")  # read again once loaded, object patches applied
+        batched = cfg != 1.0 and choose_cfg_batch(cfg_batch, mm.get_free_memory(model.load_device), memory(2))
         settings = SamplingSettings(steps=steps, seed=seed, distilled_guidance=distilled_guidance, cfg=cfg,
-                                    cfg_rescale=cfg_rescale, shift=shift or None, sampler=sampler,
-                                    teacache_threshold=teacache or None, dtype=transformer.compute_dtype)
+                                    cfg_rescale=cfg_rescale, shift=shift or None, sampler=sampler, cache=step_cache,
+                                    cfg_batch=batched, dtype=transformer.compute_dtype)
         total = len(plan) * steps
         pbar = comfy.utils.ProgressBar(total)
         previewer = latent_preview.get_previewer(model.load_device, fmt)
@@ -172,3 +190,60 @@ class FramePackSampler:
             model.cleanup()
         return ({"samples": result.latents / scale, "framepack_sections": result.sections,
                  "framepack_mode": result.mode, "framepack_window": result.window},)
+
+
+def magcache_files():
+    return [BUILTIN_RATIOS] + folder_paths.get_filename_list(MAGCACHE_FOLDER)
+
+
+def cache_inputs():
+    """The sampler's optional cache inputs (the calibration list is read when ComfyUI asks for the inputs)."""
+    return {
+        "cache": (["teacache", "magcache", "none"], {"default": "teacache", "tooltip": "Step cache: teacache uses the "
+                  "teacache threshold above; magcache skips steps by calibrated magnitude ratios (about 2x at 0.1); "
+                  "none computes every step."}),
+        "magcache_calibration": (magcache_files(), {"default": BUILTIN_RATIOS, "tooltip": "Per-step magnitude ratios: "
+                                 "FramePack-Studio's published ones for the FramePack / F1 weights, or a JSON file from "
+                                 "FramePack MagCache Calibrate in models/framepack_magcache/. Other step counts are "
+                                 "rescaled."}),
+        "magcache_threshold": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "MagCache "
+                               "error budget while skipping; higher is faster, 0 never skips."}),
+        "magcache_max_skips": ("INT", {"default": 2, "min": 1, "max": 10, "tooltip": "MagCache: most steps skipped "
+                               "in a row."}),
+        "magcache_retention": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "MagCache: "
+                               "share of the first steps that always compute (they set the layout)."}),
+        "cfg_batch": (["auto", "batched", "sequential"], {"default": "auto", "tooltip": "With cfg above 1: run the "
+                      "positive and negative prompt as one batch (faster, twice the activation memory) or one after the "
+                      "other. auto batches when the free memory holds it."}),
+    }
+
+
+def make_step_cache(choice, teacache, calibration, threshold, max_skips, retention, mode):
+    """The cache strategy for the sampler's inputs (a strategy object passes through)."""
+    if not isinstance(choice, str):
+        return choice
+    if choice == "none":
+        return None
+    if choice == "teacache":  # as before the cache input existed: the teacache threshold, 0 = off
+        return TeaCache(teacache) if teacache else None
+    if choice != "magcache":
+        raise ValueError(f"Unknown cache {choice!r}; choose teacache, magcache or none.")
+    if calibration == BUILTIN_RATIOS:
+        ratios = FRAMEPACK_MAG_RATIOS[mode]
+    else:
+        path = folder_paths.get_full_path(MAGCACHE_FOLDER, calibration)
+        if path is None:
+            raise ValueError(f"MagCache calibration {calibration!r} is not in models/{MAGCACHE_FOLDER}/; make one "
+                             "with FramePack MagCache Calibrate or pick the built-in ratios.")
+        ratios = load_calibration(path)
+    return MagCache(threshold, max_skips=max_skips, retention=retention, ratios=ratios)
+
+
+def choose_cfg_batch(choice, free_bytes, batched_bytes):
+    """Batch positive and negative when asked, or (auto) when the free memory holds a batch of 2."""
+    if choice not in ("auto", "batched", "sequential"):
+        raise ValueError(f"Unknown cfg_batch {choice!r}; choose auto, batched or sequential.")
+    batched = choice == "batched" or (choice == "auto" and free_bytes >= batched_bytes)
+    logging.info("[FramePack] CFG %s (free %.0f MiB, a batch of 2 needs %.0f MiB)",
+                 "batched" if batched else "sequential", free_bytes / 2**20, batched_bytes / 2**20)
+    return batched
