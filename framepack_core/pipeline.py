@@ -7,6 +7,7 @@ One CPU generator, seeded once, draws every section's noise in sampling order, a
 so the same seed gives the same video.
 """
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -14,7 +15,10 @@ import torch
 
 from .cache import TeaCache
 from .decode import section_ranges
+from .resume import STATE_FORMAT, Fingerprint, GenerationState, weights_digest
 from .sampling import make_flow_denoiser, sample, sigma_schedule
+
+log = logging.getLogger(__name__)
 
 MAX_TEXT_TOKENS = 512  # the original pads/crops the LLM hidden states to this length
 
@@ -58,12 +62,14 @@ class GenerationResult:
     sections: list = field(default_factory=list)  # (start, stop) latent frames per section, temporal order (decode plan)
     mode: str = "inverted"
     window: int = 9
+    fingerprint: Optional[str] = None  # the generation's fingerprint, when resume_from or on_state was given
 
 
 def generate(model, schedule, start_latent, image_embeddings, prompt, negative=None, settings=SamplingSettings(),
              *, end_latent=None, end_image_embeddings=None, keyframes=None, timed_prompts=(),
              extend_latents=None, fps=30.0, sample_section=None, on_step=None, on_section=None, interrupt=None,
-             device=None, model_call=None, transformer_options=None):
+             device=None, model_call=None, transformer_options=None, resume_from=None, on_state=None,
+             weights_identity=None):
     """Generate a video's latents section by section.
 
     start_latent: (1, C, 1, H, W). image_embeddings: SigLIP last_hidden_state (1, 729, 1152) of the start
@@ -86,6 +92,15 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
         (ComfyUI: wrappers and patches). model_call(hidden_states=, timestep=, transformer_options=,
         **inputs) -> velocity replaces calling ``model`` directly; transformer_options (a dict) goes to
         every call with "sample_sigmas" (the section's schedule), "sigmas" and "cond_or_uncond" added.
+    on_state(GenerationState): after every section, the state to resume from (resume.py); save it with
+        ``resume.save_state`` or a ``ResumeStore``.
+    resume_from: a ``GenerationState``, or a function fingerprint -> state or None (e.g. ``store.load``).
+        A state with this generation's fingerprint continues after its last section, bit-identical to a run
+        that was never interrupted; any other state is ignored (fresh start). on_section and on_step are
+        not called for the sections it skips.
+    weights_identity: str or bytes naming the weights (file, dtype, LoRA patches) for the fingerprint;
+        default: ``resume.weights_digest(model)``, a sampled hash. A custom sample_section's behaviour is
+        not fingerprinted: put what it depends on into weights_identity.
     """
     mode, window = schedule.mode, schedule.window
     if not fps > 0:
@@ -98,16 +113,31 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
     timed = _check_timed_prompts(timed_prompts)
     if end_image_embeddings is not None:
         _check_embeddings("end_image_embeddings", end_image_embeddings, like=image_embeddings)
-    sample_section = sample_section or DefaultSectionSampler(model, settings, model_call, transformer_options)
     negative = negative if settings.cfg != 1.0 else None
-
     device = torch.device(device) if device is not None else _device(model)
+
+    fingerprint = None
+    if resume_from is not None or on_state is not None:
+        fingerprint = _fingerprint(
+            model, weights_identity, schedule, settings, device, sample_section or model_call,
+            start_latent=start_latent,
+            prefix=prefix, image_embeddings=image_embeddings, end_image_embeddings=end_image_embeddings,
+            prompt=prompt, negative=negative, guides=guides, timed_prompts=timed, fps=float(fps))
+    sample_section = sample_section or DefaultSectionSampler(model, settings, model_call, transformer_options)
+
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     history = schedule.initial_history(start_latent)
     if mode == "forward" and prefix is not None:
         history = torch.cat([history[:, :, : schedule.history_padding], prefix.float()], 2)
     n = len(schedule)
+    done = 0
+    if resume_from is not None:
+        state = resume_from(fingerprint) if callable(resume_from) else resume_from
+        if state is not None:
+            history, done = _resume(state, fingerprint, schedule, history, generator)
     for position, section in enumerate(schedule):
+        if position < done:
+            continue
         if interrupt is not None:
             interrupt()
         noise = torch.randn((1, shape[1], window, shape[3], shape[4]), generator=generator)
@@ -126,11 +156,45 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
         history = schedule.append(history, section.output(sampled.float().cpu(), start_latent.float()))
         if on_section is not None:
             on_section(section, schedule.video_latents(history))
+        if on_state is not None:
+            on_state(GenerationState(fingerprint, position + 1, n, schedule.video_latents(history),
+                                     generator.get_state()))
 
     video = schedule.video_latents(history)
     if mode == "inverted" and prefix is not None:  # the input (less its last frame) stays in front
         video = torch.cat([prefix.float(), video], 2)
-    return GenerationResult(video, section_ranges(mode, video.shape[2], window), mode, window)
+    return GenerationResult(video, section_ranges(mode, video.shape[2], window), mode, window, fingerprint)
+
+
+def _fingerprint(model, weights_identity, schedule, settings, device, custom_call, **inputs):
+    """SHA-256 of everything that determines the video (see resume.py)."""
+    if weights_identity is not None and not isinstance(weights_identity, (str, bytes)):
+        raise TypeError(f"weights_identity must be a str or bytes, got {type(weights_identity).__name__}.")
+    fp = Fingerprint().add("format", STATE_FORMAT)
+    fp.add("weights", weights_identity if weights_identity is not None else weights_digest(model))
+    fp.add("custom_call", None if custom_call is None else type(custom_call).__qualname__)
+    fp.add("schedule", schedule).add("settings", settings).add("device", device.type)
+    for name, value in inputs.items():
+        fp.add(name, value)
+    return fp.hexdigest()
+
+
+def _resume(state, fingerprint, schedule, history, generator):
+    """(history, sections done) restored from ``state``; the fresh ones when it belongs elsewhere."""
+    if state.fingerprint != fingerprint:
+        log.info("[FramePack] the saved state is for a different generation (inputs, weights or settings "
+                 "changed): starting afresh.")
+        return history, 0
+    latents = state.latents.float()
+    padding = history[:, :, : schedule.history_padding] if schedule.mode == "forward" else history
+    if (state.num_sections != len(schedule) or latents.shape[:2] != history.shape[:2]
+            or latents.shape[3:] != history.shape[3:]):
+        log.warning("[FramePack] the saved state does not fit this generation's shapes: starting afresh.")
+        return history, 0
+    generator.set_state(state.generator_state)
+    pair = [latents, padding] if schedule.mode == "inverted" else [padding, latents]
+    log.info("[FramePack] resuming after section %d of %d.", state.sections_done, state.num_sections)
+    return torch.cat(pair, 2), state.sections_done
 
 
 class DefaultSectionSampler:
