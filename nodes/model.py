@@ -110,6 +110,7 @@ def load_framepack(path, weight_dtype="auto", attention="auto"):
     config = FramePackModelConfig(FramePackModelConfig.unet_config)  # BASE() sets unet_config from its argument
     config.set_inference_dtype(storage, None if compute == storage else compute)
     model = FramePackModel(transformer, config, device=offload_device)
+    model.framepack_source = (path, {"weight_dtype": weight_dtype, "attention": attention})  # resume identity
     return comfy_compat.model_patcher_class()(model, load_device=load_device, offload_device=offload_device)
 
 

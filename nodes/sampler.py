@@ -14,6 +14,7 @@ from ..framepack_core.cache import FRAMEPACK_MAG_RATIOS, MagCache, TeaCache, loa
 from ..framepack_core.model import section_memory_bytes
 from ..framepack_core.pipeline import Prompt, SamplingSettings, TimedPrompt, generate
 from ..framepack_core.sampling import SAMPLERS
+from .resume import model_identity, resume_store
 
 # MagCache calibrations (JSON) live in models/framepack_magcache/ (more folders via extra_model_paths.yaml)
 MAGCACHE_FOLDER = "framepack_magcache"
@@ -131,13 +132,17 @@ class FramePackSampler:
             "extend_latent": ("LATENT", {"tooltip": "A video's latents to continue (VAEEncode of its frames). "
                               "Forward mode continues after it; inverted starts from its last frame."}),
             **cache_inputs(),
+            "resume": ("BOOLEAN", {"default": True, "tooltip": "Save the generation after every section in "
+                       "output/framepack_resume/, so queueing the same generation again after a cancel, an "
+                       "out-of-memory error or a crash continues after the last finished section (the same "
+                       "video as an uninterrupted run). The state is deleted when the video is done."}),
         }}
 
     def sample(self, model, positive, negative, start_image_embeds, start_latent, schedule, steps, seed,
                distilled_guidance, cfg, cfg_rescale, shift, sampler, teacache, end_image_embeds=None,
                end_latent=None, keyframes=None, timed_prompts=None, extend_latent=None, cache="teacache",
                magcache_calibration=BUILTIN_RATIOS, magcache_threshold=0.1, magcache_max_skips=2,
-               magcache_retention=0.25, cfg_batch="auto"):
+               magcache_retention=0.25, cfg_batch="auto", resume=True):
         unloaded = model.get_model_object("diffusion_model")
         config, fmt = unloaded.config, model.model.latent_format
         plan = schedule.build(config.clean_kernels)
@@ -171,6 +176,7 @@ class FramePackSampler:
 
         model_call, transformer_options = patched_model_call(model)
         model.pre_run()  # as ComfyUI's samplers do: current_patcher and ON_PRE_RUN callbacks
+        saved = SavedSections(resume_store(), len(plan)) if resume else None
         try:
             result = generate(
                 transformer, plan, None if extend is not None and plan.mode == "inverted" else start,
@@ -185,9 +191,17 @@ class FramePackSampler:
                                for c, a, b in (timed_prompts or [])],
                 extend_latents=extend, fps=schedule.fps, on_step=on_step,
                 interrupt=mm.throw_exception_if_processing_interrupted, device=model.load_device,
-                model_call=model_call, transformer_options=transformer_options)
+                model_call=model_call, transformer_options=transformer_options,
+                resume_from=saved and saved.load, on_state=saved and saved.save,
+                weights_identity=saved and model_identity(model))
+        except BaseException as e:
+            if saved is not None:
+                saved.report_stop(e)
+            raise
         finally:
             model.cleanup()
+        if saved is not None:
+            saved.store.delete(result.fingerprint)
         return ({"samples": result.latents / scale, "framepack_sections": result.sections,
                  "framepack_mode": result.mode, "framepack_window": result.window},)
 
@@ -247,3 +261,28 @@ def choose_cfg_batch(choice, free_bytes, batched_bytes):
     logging.info("[FramePack] CFG %s (free %.0f MiB, a batch of 2 needs %.0f MiB)",
                  "batched" if batched else "sequential", free_bytes / 2**20, batched_bytes / 2**20)
     return batched
+class SavedSections:
+    """The sampler's resume states in ``store``: loads and saves them, and says what is saved when a run stops."""
+
+    def __init__(self, store, num_sections):
+        self.store, self.num_sections, self.sections = store, num_sections, 0
+
+    def load(self, fingerprint):
+        state = self.store.load(fingerprint)
+        self.sections = 0 if state is None else state.sections_done
+        return state
+
+    def save(self, state):
+        if not state.finished:  # the finished video is returned and its state deleted at once
+            self.store.save(state)
+            self.sections = state.sections_done
+
+    def report_stop(self, error):
+        stopped = "cancelled" if isinstance(error, mm.InterruptProcessingException) else "stopped by an error"
+        if self.sections:
+            logging.warning("[FramePack] generation %s: %d of %d sections are saved in %s. Queue the same "
+                            "generation again to resume after section %d.", stopped, self.sections,
+                            self.num_sections, self.store.folder, self.sections)
+        else:
+            logging.warning("[FramePack] generation %s before its first section finished; nothing is saved to "
+                            "resume.", stopped)

@@ -1,0 +1,123 @@
+"""FramePack Sampler in a real ComfyUI: a cancelled generation, queued again, resumes after its last saved
+section and gives the video of an uninterrupted run; its state is removed once the video is done."""
+
+import logging
+import os
+
+import pytest
+import torch
+
+from models import write_framepack, write_lora
+from test_end_to_end import lora_targets, make_schedule, run, sample
+
+CHECKPOINT = "resume_framepack_tiny.safetensors"
+SECTIONS, STEPS = 3, 3  # test_end_to_end's sample() uses STEPS sampler steps
+
+
+@pytest.fixture(scope="module")
+def model(comfy, pack):
+    write_framepack(comfy.models / "diffusion_models" / CHECKPOINT, seed=4)
+    cls = pack["FramePackModelLoader"]
+    return run(cls, model_name=CHECKPOINT, weight_dtype="fp32", attention="sdpa")[0]
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    return comfy.pack
+
+
+def resume_folder():
+    import folder_paths
+
+    return os.path.join(folder_paths.get_output_directory(), "framepack_resume")
+
+
+def saved_states():
+    folder = resume_folder()
+    return sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
+
+
+def cancel_at_update(n):
+    """A progress hook that presses ComfyUI's cancel (interrupt_current_processing) when progress reaches n."""
+    import comfy.model_management as mm
+
+    def hook(value, total, preview, node_id=None):
+        if value == n:
+            mm.interrupt_current_processing(True)
+
+    return hook
+
+
+def test_cancelled_generation_resumes_where_it_stopped(comfy, pack, model, caplog):
+    import comfy.model_management as mm
+    import comfy.utils as comfy_utils
+
+    schedule = make_schedule(pack, sections=SECTIONS, mode="forward")[0]
+    whole = sample(pack, model, schedule=schedule)["samples"]
+    assert saved_states() == [], "a finished generation leaves no state behind"
+
+    previous = comfy_utils.PROGRESS_BAR_HOOK
+    for cancel_in_section in (1, SECTIONS - 1):  # cancel during the second and during the last section
+        comfy_utils.set_progress_bar_global_hook(cancel_at_update(cancel_in_section * STEPS + 1))
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.INFO), pytest.raises(mm.InterruptProcessingException):
+                sample(pack, model, schedule=schedule)
+        finally:
+            comfy_utils.set_progress_bar_global_hook(previous)
+        assert len(saved_states()) == 1
+        assert (f"cancelled: {cancel_in_section} of {SECTIONS} sections are saved in {resume_folder()}. Queue the "
+                "same generation again to resume") in caplog.text
+
+    # the second cancel happened in a resumed run: queueing again resumes after the last-but-one section
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        resumed = sample(pack, model, schedule=schedule)["samples"]
+    assert f"resuming after section {SECTIONS - 1} of {SECTIONS}" in caplog.text
+    assert torch.equal(resumed, whole)
+    assert saved_states() == []
+
+    # a changed input (here the seed) does not pick up another generation's state
+    comfy_utils.set_progress_bar_global_hook(cancel_at_update(STEPS + 1))
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            sample(pack, model, schedule=schedule)
+    finally:
+        comfy_utils.set_progress_bar_global_hook(previous)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        other = sample(pack, model, schedule=schedule, seed=8)["samples"]
+    assert "resuming" not in caplog.text and not torch.equal(other, whole)
+    assert len(saved_states()) == 1, "the cancelled generation's state stays for when it is queued again"
+    assert torch.equal(sample(pack, model, schedule=schedule)["samples"], whole)
+    assert saved_states() == []
+
+
+def test_model_identity_covers_checkpoint_and_lora_patches(comfy, pack, model):
+    import sys
+
+    identity = sys.modules[pack["FramePackSampler"].__module__].model_identity
+    lora_loader = comfy.nodes.NODE_CLASS_MAPPINGS["LoraLoaderModelOnly"]
+    write_lora(comfy.models / "loras" / "resume_lora.safetensors", lora_targets(), seed=1)
+    write_lora(comfy.models / "loras" / "resume_lora_2.safetensors", lora_targets(), seed=2)
+
+    def with_lora(name, strength):
+        return run(lora_loader, model=model, lora_name=name, strength_model=strength)[0]
+
+    base = identity(model)
+    assert identity(model.clone()) == base
+    lora = identity(with_lora("resume_lora.safetensors", 1.0))
+    assert lora != base and identity(with_lora("resume_lora.safetensors", 1.0)) == lora
+    others = {identity(with_lora("resume_lora.safetensors", 0.5)), identity(with_lora("resume_lora_2.safetensors", 1.0))}
+    assert len(others | {base, lora}) == 4
+    # the same file loaded with another weight dtype is another model
+    fp16 = run(pack["FramePackModelLoader"], model_name=CHECKPOINT, weight_dtype="fp16", attention="sdpa")[0]
+    assert identity(fp16) != base
+    # and a rewritten checkpoint (new size or modification time) too
+    path = comfy.models / "diffusion_models" / CHECKPOINT
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    try:
+        assert identity(model) != base
+    finally:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
