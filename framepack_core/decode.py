@@ -24,6 +24,7 @@ Layouts: latents are (1, C, T, h, w); pixels are ComfyUI images, (frames, height
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -271,20 +272,34 @@ class VideoFileSink:
     an odd height or width is padded by repeating the last row/column. ``crf`` is x264's constant rate factor
     (0 lossless, 16 the original FramePack's default, higher is smaller). ``close()`` finishes the file;
     ``result()`` closes and returns (path, frames written). A sink that received no frames writes no file.
+
+    Crash-safe: the file is a fragmented mp4 (an empty moov up front, then one moof+mdat fragment per
+    keyframe interval of ``fragment_seconds``), each fragment handed to the OS as soon as it is complete
+    and fsynced after every chunk that completed one. A process killed at any moment leaves a file that
+    opens and holds the first ``flushed_frames`` frames. Fragmented H.264 mp4 plays in browsers (ComfyUI's
+    preview) and common players.
     """
 
-    def __init__(self, path, fps: float = 30, crf: int = 16, codec: str = "libx264"):
+    MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
+
+    def __init__(self, path, fps: float = 30, crf: int = 16, codec: str = "libx264", fragment_seconds: float = 1.0):
         try:
             import av  # noqa: F401  (imported lazily so framepack_core works without PyAV)
         except ImportError as exc:
             raise ImportError("VideoFileSink needs PyAV to write mp4 files: pip install av") from exc
         if fps <= 0:
             raise ValueError(f"fps must be positive, got {fps!r}.")
+        if fragment_seconds <= 0:
+            raise ValueError(f"fragment_seconds must be positive, got {fragment_seconds!r}.")
         self.path = Path(path)
         self.fps = fps
         self.crf = crf
         self.codec = codec
+        self.fragment_seconds = fragment_seconds
         self.frames = 0
+        self.flushed_frames = 0  # frames in complete fragments already handed to the OS
+        self._muxed = 0
+        self._file = None
         self._container = None
         self._stream = None
         self._size = None
@@ -294,13 +309,23 @@ class VideoFileSink:
         import av
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._container = av.open(str(self.path), mode="w")
+        self._file = open(self.path, "wb", buffering=0)  # unbuffered: what PyAV flushes reaches the OS
+        self._container = av.open(self._file, mode="w", format="mp4",
+                                  options={"movflags": self.MOVFLAGS, "flush_packets": "1"})
         rate = Fraction(self.fps).limit_denominator(1001)
         self._stream = self._container.add_stream(self.codec, rate=rate, options={"crf": str(self.crf)})
         self._stream.width = width + width % 2
         self._stream.height = height + height % 2
         self._stream.pix_fmt = "yuv420p"
+        self._stream.codec_context.gop_size = max(1, round(self.fps * self.fragment_seconds))
         self._size = (height, width)
+
+    def _mux(self, packets) -> None:
+        for packet in packets:
+            if packet.is_keyframe:  # the muxer writes out the fragment before a keyframe (frag_keyframe)
+                self.flushed_frames = self._muxed
+            self._container.mux(packet)
+            self._muxed += 1
 
     def __call__(self, chunk: torch.Tensor) -> None:
         import av
@@ -318,11 +343,12 @@ class VideoFileSink:
         if height % 2 or width % 2:
             pixels = torch.nn.functional.pad(pixels.permute(0, 3, 1, 2).float(), (0, width % 2, 0, height % 2),
                                              mode="replicate").permute(0, 2, 3, 1).to(torch.uint8)
+        flushed = self.flushed_frames
         for frame in pixels.numpy():
-            image = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            for packet in self._stream.encode(image):
-                self._container.mux(packet)
+            self._mux(self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         self.frames += pixels.shape[0]
+        if self.flushed_frames != flushed:
+            os.fsync(self._file.fileno())  # fragments survive a power loss too, not only a killed process
 
     def close(self) -> None:
         if self._closed:
@@ -330,10 +356,14 @@ class VideoFileSink:
         self._closed = True
         if self._container is not None:
             try:
-                for packet in self._stream.encode():
-                    self._container.mux(packet)
+                self._mux(self._stream.encode())
             finally:
-                self._container.close()
+                try:
+                    self._container.close()
+                    os.fsync(self._file.fileno())
+                    self.flushed_frames = self._muxed
+                finally:
+                    self._file.close()
 
     def result(self) -> Tuple[Path, int]:
         self.close()
