@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +137,13 @@ def save_state(path, state: GenerationState) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": STATE_FORMAT, "fingerprint": state.fingerprint, "sections_done": state.sections_done,
             "num_sections": state.num_sections}
-    data = save({"latents": state.latents.detach().float().cpu().contiguous(),
-                 "generator_state": state.generator_state.detach().cpu().contiguous()},
-                metadata={"framepack_resume": json.dumps(meta)})
+    tensors = {"latents": state.latents.detach().float().cpu().contiguous(),
+               "generator_state": state.generator_state.detach().cpu().contiguous()}
     fd, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        save_file(tensors, temp, metadata={"framepack_resume": json.dumps(meta)})
+        with open(temp, "r+b") as f:  # a writable handle: Windows cannot fsync a read-only one
             os.fsync(f.fileno())
         os.replace(temp, path)
     except BaseException:
