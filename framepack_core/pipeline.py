@@ -170,6 +170,9 @@ def _fingerprint(model, weights_identity, schedule, settings, device, custom_cal
     """SHA-256 of everything that determines the video (see resume.py)."""
     if weights_identity is not None and not isinstance(weights_identity, (str, bytes)):
         raise TypeError(f"weights_identity must be a str or bytes, got {type(weights_identity).__name__}.")
+    if weights_identity is None and not isinstance(model, torch.nn.Module):
+        raise TypeError("Resuming needs the weights' identity: pass weights_identity= (a str or bytes naming the "
+                        f"weights) when the model is not a torch module (got {type(model).__name__}).")
     fp = Fingerprint().add("format", STATE_FORMAT)
     fp.add("weights", weights_identity if weights_identity is not None else weights_digest(model))
     fp.add("custom_call", None if custom_call is None else type(custom_call).__qualname__)
