@@ -240,3 +240,45 @@ def test_invalid_prompt_is_rejected_with_node_errors(server, object_info):
     errors = rejected.value.args[0]["node_errors"]
     assert node_of(prompt, "FramePackSchedule") in errors
     assert json.dumps(errors).count("mode") >= 1
+
+
+def test_interrupted_run_queued_again_resumes_and_gives_the_uninterrupted_video(server, object_info):
+    sections, steps = 3, 12
+    prompt = prompt_for(server, object_info, "image_to_video", sections=sections, steps=steps, seed=303)
+    sampler = node_of(prompt, "FramePackSampler")
+    states = server.base / "output" / "framepack_resume"
+
+    def in_second_section(run):  # the first section is finished and saved by now
+        return any(p["node"] == sampler and p["value"] > steps for p in run.of_type("progress"))
+
+    log_start = len(server.log())
+    run = server.run(prompt, interrupt_when=in_second_section)
+    assert run.status == "execution_interrupted", (run.error, server.log_tail())
+    assert run.of_type("execution_interrupted")[0]["node_id"] == sampler, "the cancel must hit the sampler"
+    saved = [f.name for f in states.glob("*.safetensors")]
+    assert len(saved) == 1, server.log_tail()
+    log = server.log()[log_start:]
+    assert f"of {sections} sections are saved in {states}. Queue the same generation again to resume" in log, log
+
+    # the same prompt again: it resumes after the saved sections, finishes, and removes its state
+    again = server.run(prompt)
+    assert again.status == "execution_success", (again.error, server.log_tail())
+    assert f"resuming after section " in server.log()[log_start:], server.log_tail()
+    done = [p["value"] for p in again.of_type("progress") if p["node"] == sampler]
+    assert done[0] > steps, "finished sections are not sampled again"
+    assert list(states.glob("*.safetensors")) == []
+
+    # an uninterrupted run (resume off, so ComfyUI's cache does not answer it) gives the same video
+    prompt[sampler]["inputs"]["resume"] = False
+    reference = server.run(prompt)
+    assert reference.status == "execution_success", (reference.error, server.log_tail())
+    assert sampler in {e["node"] for e in reference.of_type("executing") if e.get("node")}
+
+    def frames(run):
+        [path] = video_files(server, run)
+        with av.open(str(path)) as container:
+            return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+    resumed, uninterrupted = frames(again), frames(reference)
+    assert len(resumed) == len(uninterrupted) == 4 * (1 + sections * WINDOW) - 3
+    assert all((a == b).all() for a, b in zip(resumed, uninterrupted))
