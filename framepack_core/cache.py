@@ -83,6 +83,10 @@ class _Strategy:
     def __init__(self):
         self.steps = self.skipped = 0  # running totals over every state this object started
 
+    def settings(self):
+        """What decides this cache's skips (a resume fingerprint hashes it): its settings, not its totals."""
+        return {k: v for k, v in vars(self).items() if k not in ("steps", "skipped", "rows")}
+
     def start(self, num_steps, stream="positive"):
         """A fresh state for one sampling run of ``num_steps`` steps of one conditioning stream."""
         _check_steps(num_steps)

@@ -110,6 +110,9 @@ class Fingerprint:
             self._text("dataclass", type(value).__qualname__)
             for f in dataclasses.fields(value):
                 self.add(f.name, getattr(value, f.name))
+        elif callable(getattr(value, "settings", None)):  # a step-cache strategy: its settings decide the result
+            self._text("object", type(value).__qualname__)
+            self._value(value.settings())
         else:
             raise TypeError(f"cannot fingerprint a {type(value).__qualname__}; pass its identity as a string.")
 

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from framepack_core.cache import MagCache
 from framepack_core.model import FramePackTransformer
 from framepack_core.packing import make_schedule
 from framepack_core.pipeline import Prompt, SamplingSettings, generate
@@ -65,10 +66,12 @@ CASES = [
     ("inverted", dict(cfg=3.0, cfg_rescale=0.5)),
     ("inverted", dict(teacache_threshold=0.15, steps=4)),
     ("forward", dict(teacache_threshold=0.15, steps=4, cfg=2.0)),
+    ("forward", dict(cache=MagCache(0.1, ratios=[1.0, 0.98, 0.97, 0.96]), steps=4, cfg=2.0)),  # batched CFG too
 ]
 
 
-@pytest.mark.parametrize("mode, overrides", CASES, ids=["inverted-cfg", "inverted-teacache", "forward-cfg-teacache"])
+@pytest.mark.parametrize("mode, overrides", CASES,
+                         ids=["inverted-cfg", "inverted-teacache", "forward-cfg-teacache", "forward-cfg-magcache"])
 def test_resume_is_bit_identical(model, tmp_path, mode, overrides):
     settings = SamplingSettings(**{"dtype": torch.float32, "steps": 3, "seed": 5, **overrides})
     whole = run(model, mode, settings)
