@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from . import quantized
+from .files import FLOAT_DTYPES, ITEM_SIZES, CheckpointError, non_float, open_safetensors, read_header
 from .model import CLEAN_EMBEDDERS, FramePackConfig, FramePackTransformer
 from .ops import CastOps, TorchOps, is_fp8
 
@@ -37,31 +37,36 @@ REQUIRED = (
     "norm_out.linear.weight",
     "proj_out.weight",
 )
-# what other popular checkpoints look like, to say what a wrong file is instead
+USE_FRAMEPACK = ("Load the FramePack weights (FramePackI2V_HY or FramePack_F1_I2V_HY_20250503) in "
+                 "models/diffusion_models.")
+USE_FRAMEPACK_NOT_HUNYUAN = (
+    "FramePack is built on this model but cannot run it: keep it for ComfyUI's own HunyuanVideo workflows "
+    "(Load Diffusion Model), and for FramePack load FramePackI2V_HY_bf16.safetensors (Kijai/HunyuanVideo_comfy) "
+    "or the lllyasviel/FramePackI2V_HY folder.")
+# what other popular checkpoints look like (every marker key present, any prefix), to say what a wrong file is
 LOOKALIKES = (
-    ("double_blocks.0.img_attn_qkv.weight", "an original-format HunyuanVideo transformer (double_blocks/single_blocks)"),
-    ("input_blocks.0.0.weight", "a Stable Diffusion / SDXL UNet"),
-    ("joint_blocks.0.x_block.attn.qkv.weight", "a Stable Diffusion 3 MMDiT"),
-    ("decoder.conv_in.conv.weight", "a video VAE"),
-    ("decoder.conv_in.weight", "a VAE"),
-    ("text_model.encoder.layers.0.self_attn.q_proj.weight", "a CLIP text encoder"),
-    ("vision_model.encoder.layers.0.self_attn.q_proj.weight", "a CLIP/SigLIP vision encoder"),
-    ("model.layers.0.self_attn.q_proj.weight", "a language model (text encoder)"),
+    (("double_blocks.0.img_attn.qkv.weight", "txt_in.individual_token_refiner.blocks.0.norm1.weight"),
+     "ComfyUI's repackaged HunyuanVideo transformer (double_blocks.N.img_attn.qkv names, e.g. "
+     "hunyuan_video_t2v_720p_bf16.safetensors)", USE_FRAMEPACK_NOT_HUNYUAN),
+    (("double_blocks.0.img_attn_qkv.weight",),
+     "an original-format HunyuanVideo transformer (double_blocks/single_blocks)", USE_FRAMEPACK_NOT_HUNYUAN),
+    (("double_blocks.0.img_attn.qkv.weight",), "a Flux transformer", USE_FRAMEPACK),
+    (("patch_embedding.weight", "blocks.0.self_attn.q.weight"), "a Wan video transformer", USE_FRAMEPACK),
+    (("input_blocks.0.0.weight",), "a Stable Diffusion / SDXL UNet", USE_FRAMEPACK),
+    (("joint_blocks.0.x_block.attn.qkv.weight",), "a Stable Diffusion 3 MMDiT", USE_FRAMEPACK),
+    (("decoder.conv_in.conv.weight",), "a video VAE", USE_FRAMEPACK),
+    (("decoder.conv_in.weight",), "a VAE", USE_FRAMEPACK),
+    (("text_model.encoder.layers.0.self_attn.q_proj.weight",), "a CLIP text encoder", USE_FRAMEPACK),
+    (("vision_model.encoder.layers.0.self_attn.q_proj.weight",), "a CLIP/SigLIP vision encoder", USE_FRAMEPACK),
+    (("model.layers.0.self_attn.q_proj.weight",), "a language model (text encoder)", USE_FRAMEPACK),
 )
+LORA_KEY = re.compile(r"(^|[._])lora_(A|B|up|down)[._]")
 DTYPES = {
     "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
     "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
 }
-
-
-SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-class CheckpointError(ValueError):
-    """The file is not a FramePack transformer checkpoint we can load; the message says why."""
+SAFETENSORS_DTYPES = FLOAT_DTYPES
+MAX_CONFIG_BYTES = 1_000_000  # a diffusers config.json or shard index is a few kB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,8 +84,7 @@ def _safetensors_files(path):
     if len(indexes) > 1:
         raise CheckpointError(f"{path} holds several shard indexes ({', '.join(i.name for i in indexes)}); keep one.")
     if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        shards = [path / name for name in dict.fromkeys(weight_map.values())]
+        shards = [path / name for name in _shard_names(indexes[0])]
         absent = [s.name for s in shards if not s.is_file()]
         if absent:
             raise CheckpointError(f"{indexes[0].name} lists shards that are not in {path}: {', '.join(absent)}. "
@@ -94,37 +98,41 @@ def _safetensors_files(path):
     return files
 
 
-def _check_not_pickle(file):
-    with open(file, "rb") as f:
-        head = f.read(9)
-    if head[8:9] == b"{":  # safetensors: 8-byte little-endian header length (any first bytes), then JSON
-        return
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise CheckpointError(
-            f"{file.name} is a pickled PyTorch checkpoint, not safetensors. Pickles can run arbitrary code and are "
-            "never loaded; use a .safetensors release of the FramePack transformer.")
-    if len(head) < 8:
-        raise CheckpointError(f"{file.name} is too short to be a safetensors file ({len(head)} bytes); "
-                              "it is empty or truncated.")
-
-
-def _open(file):
-    _check_not_pickle(file)
+def read_json(file, what):
+    """A small JSON object (config.json, a shard index), or CheckpointError naming the file and the fix."""
+    fix = f"Download {file.name} again (it is the {what} of the diffusers folder)."
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{file.name} is {file.stat().st_size} bytes, far too large for a {what}. {fix}")
     try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file.name} is not a readable safetensors file ({e}). It may be truncated "
-                              "(an interrupted download) or not a safetensors file at all; download it again.") from e
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{file.name} is not valid JSON ({e}). {fix}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file.name} holds a JSON {type(data).__name__}, not the object a {what} is. {fix}")
+    return data
+
+
+def _shard_names(index):
+    """Shard file names of a diffusers index, each a plain name inside the folder (never a path out of it)."""
+    weight_map = read_json(index, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index.name} has no weight_map of tensor names to shard files. Download it again.")
+    names = list(dict.fromkeys(weight_map.values()))
+    for name in names:
+        if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+                or "\0" in name or Path(name).is_absolute() or Path(name).drive):
+            raise CheckpointError(
+                f"{index.name} names a shard {name!r} that is not a plain file name in its folder. Shards must sit "
+                "next to the index; a path (separators, '..', absolute) could open any file on this machine, so it "
+                "is refused. Use the model's original index file.")
+    return names
 
 
 def read_key_shapes(path):
-    """{key: (shape, dtype name)} of every tensor in the checkpoint, read from headers only."""
+    """{key: (shape, dtype name)} of every tensor in the checkpoint, read from (checked) headers only."""
     shapes = {}
     for file in _safetensors_files(path):
-        with _open(file) as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                shapes[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        shapes.update(read_header(file))
     return shapes
 
 
@@ -132,7 +140,7 @@ def read_metadata(path):
     """The safetensors metadata of the checkpoint (all shards merged); {} when it has none."""
     metadata = {}
     for file in _safetensors_files(path):
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             metadata.update(f.metadata() or {})
     return metadata
 
@@ -164,10 +172,13 @@ def find_prefix(keys):
 
 
 def describe_mismatch(keys):
-    for marker, what in LOOKALIKES:
-        if any(k.endswith(marker) for k in keys):
-            return (f"This checkpoint looks like {what}, not a FramePack transformer. Load the FramePack weights "
-                    "(FramePackI2V_HY or FramePack_F1_I2V_HY_20250503) in models/diffusion_models.")
+    keys = set(keys)
+    for markers, what, advice in LOOKALIKES:
+        if all(any(k.endswith(m) for k in keys) for m in markers):
+            return f"This checkpoint looks like {what}, not a FramePack transformer. {advice}"
+    if any(LORA_KEY.search(k) for k in keys):
+        return ("This is a LoRA, not a FramePack transformer. Put it in models/loras and apply it to the FramePack "
+                "model with FramePack LoRA Loader; load the FramePack weights here.")
     missing = [k for k in REQUIRED if k not in keys]
     if any(k.startswith("transformer_blocks.") for k in keys) and missing and set(missing) <= {
             "clean_x_embedder.proj.weight", "image_projection.up.weight", "image_projection.down.weight"}:
@@ -175,6 +186,25 @@ def describe_mismatch(keys):
                 "image_projection: the base text-to-video model, not FramePack. Load the FramePack weights instead.")
     return (f"Not a FramePack transformer: missing {', '.join(missing[:6])}"
             f"{' and more' if len(missing) > 6 else ''} ({len(keys)} tensors in the file).")
+
+
+# dimensions of the tensors the config is read from
+REQUIRED_NDIM = {ANCHOR: 5, "clean_x_embedder.proj.weight": 5, "transformer_blocks.0.attn.norm_q.weight": 1}
+
+
+def _check_shapes_readable(shapes):
+    """The tensors the config is read from have the ranks and sizes a FramePack transformer gives them."""
+    for key in REQUIRED:
+        ndim = REQUIRED_NDIM.get(key, 2)
+        if len(shapes[key]) != ndim or not all(shapes[key]):
+            raise CheckpointError(f"{key} is shaped {list(shapes[key])}, but a FramePack transformer's is "
+                                  f"{ndim}-dimensional with no empty axis: the file's header is damaged.")
+    inner, head_dim = shapes[ANCHOR][0], shapes["transformer_blocks.0.attn.norm_q.weight"][0]
+    patch = math.prod(shapes[ANCHOR][2:])
+    if inner % head_dim or shapes["proj_out.weight"][0] % patch:
+        raise CheckpointError(f"Inconsistent shapes: width {inner} is not a multiple of the head size {head_dim}, "
+                              f"or proj_out's {shapes['proj_out.weight'][0]} rows not of the patch size {patch}: "
+                              "the file's header is damaged.")
 
 
 def _count(keys, pattern):
@@ -199,6 +229,7 @@ def infer_config(shapes, extra=None):
     missing = [k for k in REQUIRED if k not in shapes]
     if missing:
         raise CheckpointError(describe_mismatch(shapes))
+    _check_shapes_readable(shapes)
     extra = extra or {}
     inner, in_channels, *patch = shapes[ANCHOR]
     head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
@@ -216,14 +247,25 @@ def infer_config(shapes, extra=None):
         text_dim=shapes["context_embedder.proj_in.weight"][1],
         pooled_dim=shapes["time_text_embed.text_embedder.linear_1.weight"][1],
         image_dim=shapes["image_projection.up.weight"][1],
-        rope_theta=float(extra.get("rope_theta", 256.0)),
-        rope_axes=tuple(extra["rope_axes_dim"]) if "rope_axes_dim" in extra else default_rope_axes(head_dim),
+        rope_theta=_config_value(extra, "rope_theta", (int, float), 256.0),
+        rope_axes=tuple(_config_value(extra, "rope_axes_dim", list, None) or default_rope_axes(head_dim)),
         guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in shapes,
         clean_kernels=tuple(k for k, (name, _) in CLEAN_EMBEDDERS.items() if f"clean_x_embedder.{name}.weight" in shapes),
     )
+    if len(cfg.rope_axes) != 3 or not all(isinstance(a, int) and a > 0 and a % 2 == 0 for a in cfg.rope_axes):
+        raise CheckpointError(f"config.json's rope_axes_dim {list(cfg.rope_axes)} must be three positive even "
+                              "numbers (128-wide heads: [16, 56, 56]). Download config.json again.")
     if sum(cfg.rope_axes) != head_dim:
         raise CheckpointError(f"RoPE axes {cfg.rope_axes} do not add up to the head size {head_dim}.")
     return cfg
+
+
+def _config_value(extra, key, types, default):
+    value = extra.get(key, default)
+    if value is not default and (not isinstance(value, types) or isinstance(value, bool)
+                                 or (isinstance(value, float) and not math.isfinite(value))):
+        raise CheckpointError(f"config.json's {key} is {value!r}, not a valid value. Download config.json again.")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,33 +299,46 @@ def load_transformer(path, compute_dtype=None, storage_dtype=None, operations=No
     files = _safetensors_files(path)
     extra = {}
     if path.is_dir() and (path / "config.json").is_file():
-        extra = json.loads((path / "config.json").read_text())
+        extra = read_json(path / "config.json", "model config")
     shapes = read_key_shapes(path)
-    prefix = find_prefix(shapes)
-    own = {k[len(prefix):]: v[0] for k, v in shapes.items() if k.startswith(prefix)}
-    foreign = len(shapes) - len(own)
-    if foreign:
-        log.warning("%s: ignoring %d tensors outside the transformer (prefix %r).", path.name, foreign, prefix)
-    config = infer_config(own, extra)
-    quant = _quantization(path, shapes, prefix)
+    try:
+        prefix = find_prefix(shapes)
+        own = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+        foreign = len(shapes) - len(own)
+        if foreign:
+            log.warning("%s: ignoring %d tensors outside the transformer (prefix %r).", path.name, foreign, prefix)
+        config = infer_config({k: shape for k, (shape, _) in own.items()}, extra)
+        quant = _quantization(path, shapes, prefix)
+        integers = non_float({k: v for k, v in own.items() if not (quant and quant.is_extra(k))})
+        if integers:
+            raise CheckpointError(
+                f"{len(integers)} tensors hold integers or booleans ({', '.join(integers[:3])}), but every FramePack "
+                "weight is floating point: the file is damaged or quantised in a format this loader does not read. "
+                "Use a bf16, fp16, fp32 or fp8 .safetensors release.")
+        with torch.device("meta"):  # what any layer set must be given
+            expected = {k: tuple(v.shape) for k, v in FramePackTransformer(config).state_dict().items()}
+        if quant is None and convert_state is None:  # a plain layout: checked before anything is read
+            _check_against_model(own, expected)
+    except CheckpointError as e:
+        raise CheckpointError(str(e) if str(e).startswith(path.name) else f"{path.name}: {e}") from None
     if quant is not None and operations is None:
         raise CheckpointError(f"{path.name} is quantized in ComfyUI's {quant.format} layout, which only layers that "
                               "read it can run: load it in ComfyUI with FramePack Model Loader, or pass operations "
                               "for that layout.")
 
-    stored = [SAFETENSORS_DTYPES.get(d, torch.float32) for k, (_, d) in shapes.items()
-              if k.startswith(prefix) and not (quant and quant.is_extra(k[len(prefix):]))]
+    stored = [FLOAT_DTYPES[d] for k, (_, d) in own.items() if not (quant and quant.is_extra(k))]
     compute_dtype = compute_dtype or _compute_dtype_for(stored)
     state = {}
     for file, keys in _read_batches(files, shapes, prefix):
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             for key in keys:
                 tensor = f.get_tensor(key)
                 name = key[len(prefix):]
                 if quant is not None and quant.keeps_dtype(name):
                     state[name] = tensor
                 else:
-                    state[name] = tensor.to(_storage_dtype(name, tensor, storage_dtype, compute_dtype, fp32_output))
+                    state[name] = tensor.to(_storage_dtype(name, tensor.dtype, tensor.ndim, storage_dtype,
+                                                           compute_dtype, fp32_output))
     if quant is not None:
         state.update(quant.metadata_tensors())
     if convert_state is not None:
@@ -296,7 +351,6 @@ def load_transformer(path, compute_dtype=None, storage_dtype=None, operations=No
     with torch.device("meta"):
         model = FramePackTransformer(config, operations=operations, attention_backend=attention_backend,
                                      compute_dtype=compute_dtype, fp32_output=fp32_output)
-        expected = FramePackTransformer(config).state_dict().keys()  # what any layer set must be given
     absent = sorted(set(expected) - set(state))
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not _fill_identity_scale(model, k)]
@@ -325,6 +379,19 @@ def _check_materialized(model):
                               "the file is incomplete or its layout is not one these layers read.")
 
 
+def _check_against_model(own, expected):
+    """Every tensor the model needs is in the file with its shape, and nothing else."""
+    missing = [k for k in expected if k not in own]
+    unexpected = [k for k in own if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(_key_report(missing, unexpected))
+    wrong = [f"{k} {list(own[k][0])} (expected {list(s)})" for k, s in expected.items() if tuple(own[k][0]) != s]
+    if wrong:
+        raise CheckpointError(f"{len(wrong)} tensors have shapes that do not fit the rest of the file: "
+                              f"{', '.join(wrong[:3])}. The file is damaged or not a FramePack transformer; "
+                              "download it again.")
+
+
 def _read_batches(files, shapes, prefix, batches=16):
     """(file, keys) batches of about 1/``batches`` of the checkpoint each.
 
@@ -334,12 +401,11 @@ def _read_batches(files, shapes, prefix, batches=16):
     """
     def nbytes(key):
         shape, dtype = shapes[key]
-        return math.prod(shape) * torch.empty((), dtype=SAFETENSORS_DTYPES.get(dtype, torch.float32)).element_size()
+        return math.prod(shape) * ITEM_SIZES[dtype]
 
     batch_bytes = sum(nbytes(k) for k in shapes if k.startswith(prefix)) / batches
     for file in files:
-        with _open(file) as f:
-            keys = [k for k in f.keys() if k.startswith(prefix)]
+        keys = [k for k in read_header(file) if k.startswith(prefix)]
         batch, size = [], 0
         for key in keys:
             batch.append(key)
@@ -351,16 +417,16 @@ def _read_batches(files, shapes, prefix, batches=16):
             yield file, batch
 
 
-def _storage_dtype(key, tensor, storage_dtype, compute_dtype, fp32_output):
+def _storage_dtype(key, dtype, ndim, storage_dtype, compute_dtype, fp32_output):
     if fp32_output and key.startswith("proj_out."):
         return torch.float32  # the last projection runs in fp32, as in the original
     if storage_dtype is not None and is_fp8(storage_dtype):
         # only the big matrices go to fp8; biases, norms and embedders stay precise
-        big = tensor.ndim >= 2 and ("transformer_blocks." in key)
+        big = ndim >= 2 and ("transformer_blocks." in key)
         return storage_dtype if big else compute_dtype
     if storage_dtype is not None:
         return storage_dtype
-    return tensor.dtype if is_fp8(tensor.dtype) else compute_dtype
+    return dtype if is_fp8(dtype) else compute_dtype
 
 
 def _key_report(missing, unexpected):

@@ -135,7 +135,10 @@ class FramePackModelLoader:
         }}
 
     def load(self, model_name, weight_dtype, attention):
+        path = resolve_model_path(model_name)
         try:
-            return (load_framepack(resolve_model_path(model_name), weight_dtype, attention),)
-        except ValueError as e:  # CheckpointError included
-            raise ValueError(f"{model_name}: {e}") from e
+            return (load_framepack(path, weight_dtype, attention),)
+        except ValueError as e:  # CheckpointError included; the loader's own messages mostly name the file
+            message = str(e)
+            named = message.startswith(os.path.basename(os.path.normpath(path)))
+            raise ValueError(message if named else f"{model_name}: {message}") from e

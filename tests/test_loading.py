@@ -152,7 +152,7 @@ def test_truncated_file(tiny_file, tmp_path):
 
 def test_empty_file(tmp_path):
     (tmp_path / "empty.safetensors").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="empty or truncated"):
+    with pytest.raises(CheckpointError, match=r"empty.safetensors is empty \(0 bytes\).*download it again"):
         load_transformer(tmp_path / "empty.safetensors")
 
 
