@@ -29,9 +29,12 @@ with its reason, never applied wrong.
 import math
 import re
 from functools import lru_cache
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from .files import FLOAT_DTYPES, CheckpointError, open_safetensors, read_header
 
 FORMATS = ("diffusers/PEFT (transformer.<module>.lora_A/lora_B.weight, optional .alpha), "
            "kohya/musubi-tuner (lora_unet_<module_with_underscores>.lora_down/lora_up.weight + .alpha), "
@@ -146,6 +149,27 @@ class LoraConversion(NamedTuple):
     reasons: dict      # source module path (or the key itself: stray or duplicate keys) -> why it was left out
     targets: dict      # source module path -> our module names it patches
     total: int         # LoRA modules (groups of tensors sharing a module path) in the source
+
+
+def read_lora(path):
+    """{key: tensor} of a LoRA .safetensors file, its header checked before anything is read (files.py).
+
+    Malformed files (truncated, random bytes, pickles, damaged headers) and integer or bool weights raise
+    ``CheckpointError`` naming the file and the fix. Integer ``alpha`` scalars, as some trainers write
+    them, are read as floats.
+    """
+    path = Path(path)
+    header = read_header(path)
+    if not header:
+        raise CheckpointError(f"{path.name} holds no tensors, so it is no LoRA. Download it again.")
+    integers = [f"{k} ({d})" for k, (shape, d) in header.items()
+                if d not in FLOAT_DTYPES and not (k.endswith(".alpha") and math.prod(shape) == 1 and d != "BOOL")]
+    if integers:
+        raise CheckpointError(f"{path.name} holds integer or bool tensors ({describe_keys(integers, 3)}), but LoRA "
+                              "weights are floating point: the file is damaged or not a LoRA. Download it again.")
+    with open_safetensors(path) as f:
+        tensors = {k: f.get_tensor(k) for k in header}
+    return {k: t if t.is_floating_point() else t.float() for k, t in tensors.items()}
 
 
 @lru_cache(maxsize=1)

@@ -54,6 +54,13 @@ EMBEDDER_NAMES = {1: "clean_x_embedder.proj", 2: "clean_x_embedder.proj_2x", 4: 
 
 Counts = Union[Sequence[int], Mapping[int, int]]
 
+# Bounds, so that a typo fails with a message instead of allocating gigabytes. 1000 sections of window 9 are
+# about 20 minutes of video; the original trains window 9 with 1/2/16 history frames.
+MAX_SECTIONS = 1000
+MAX_WINDOW = 64
+MAX_HISTORY_FRAMES = 256  # per compression level
+MAX_LAYOUT_POSITIONS = 2_000_000  # RoPE frame positions over all sections (gaps included)
+
 
 def sections_for_length(seconds: float, window: int = 9, fps: float = 30) -> int:
     """Number of sections for a video of ``seconds``, as the original: each latent frame is 4 pixel frames."""
@@ -288,8 +295,9 @@ def make_schedule(
     """
     if mode not in MODES:
         raise ValueError(f"unknown packing mode {mode!r}; use one of {MODES}")
-    _check_positive_int("num_sections", num_sections)
-    _check_positive_int("window", window)
+    _check_positive_int("num_sections", num_sections, MAX_SECTIONS,
+                        "a video of more sections is better made as several extensions (extend_latents)")
+    _check_positive_int("window", window, MAX_WINDOW, "FramePack is trained with window 9")
     available = _check_kernels_available(kernels_available)
     if even_spread is not None:
         if counts is not None:
@@ -313,6 +321,11 @@ def make_schedule(
         paddings = list(reversed(range(num_sections)))
         if anti_drift_padding and num_sections > 4:
             paddings = [3] + [2] * (num_sections - 3) + [1, 0]
+        positions = sum(paddings) * window + num_sections * (s + window + c1 + c2 + c4)
+        if positions > MAX_LAYOUT_POSITIONS:
+            raise ValueError(f"{num_sections} inverted sections of window {window} without anti_drift_padding would "
+                             f"need {positions} RoPE positions (the gap grows with every section); turn "
+                             "anti_drift_padding on, as the original does, or use fewer sections")
         history_slots = (tuple(range(0, c1)), tuple(range(c1, c1 + c2)), tuple(range(c1 + c2, c1 + c2 + c4)))
     else:
         paddings = [0] * num_sections
@@ -349,9 +362,11 @@ def _consecutive(sizes: Sequence[int]) -> list:
     return groups
 
 
-def _check_positive_int(name: str, value) -> None:
+def _check_positive_int(name: str, value, maximum: Optional[int] = None, why: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value!r} (a typo?); {why}")
 
 
 def _check_kernels_available(kernels: Sequence[int]) -> Tuple[int, ...]:
@@ -379,4 +394,7 @@ def _normalise_counts(counts: Counts) -> Tuple[int, int, int]:
     for k, c in zip(KERNELS, counts):
         if isinstance(c, bool) or not isinstance(c, int) or c < 0:
             raise ValueError(f"count for kernel {k} must be a non-negative integer, got {c!r}")
+        if c > MAX_HISTORY_FRAMES:
+            raise ValueError(f"count for kernel {k} is {c}, more than {MAX_HISTORY_FRAMES} history frames (a typo?); "
+                             "the original uses 1, 2 and 16")
     return counts

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 
 from .cache import TeaCache
+from .checks import (StepCheck, check_finite, check_image_embeddings, check_latent, check_prompt, check_settings,
+                     diagnose)
 from .decode import section_ranges
 from .resume import STATE_FORMAT, Fingerprint, GenerationState, weights_digest
 from .sampling import make_flow_denoiser, sample, sigma_schedule
@@ -105,14 +107,23 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
     mode, window = schedule.mode, schedule.window
     if not fps > 0:
         raise ValueError(f"fps must be > 0 (timed prompts are placed in seconds), got {fps!r}.")
-    start_latent, prefix = _start_and_prefix(mode, start_latent, extend_latents)
-    _check_latent("start_latent", start_latent)
-    _check_embeddings("image_embeddings", image_embeddings)
+    config = getattr(model, "config", None)  # inputs are checked against it before any compute
+    check_settings(settings)
+    start_latent, prefix = _start_and_prefix(mode, start_latent, extend_latents, config)
+    check_latent("start_latent", start_latent, config)
+    check_image_embeddings("image_embeddings", image_embeddings, config)
     shape = start_latent.shape
     guides = _guides(schedule, shape, end_latent, keyframes)
     timed = _check_timed_prompts(timed_prompts)
     if end_image_embeddings is not None:
-        _check_embeddings("end_image_embeddings", end_image_embeddings, like=image_embeddings)
+        check_image_embeddings("end_image_embeddings", end_image_embeddings, config, like=image_embeddings)
+    check_prompt("prompt", prompt, config)
+    if settings.cfg != 1.0:
+        if negative is None:
+            raise ValueError(f"cfg={settings.cfg} needs a negative prompt; pass negative=... or use cfg=1.")
+        check_prompt("negative", negative, config)
+    for t in timed:
+        check_prompt(f"timed prompt [{t.start}, {t.end})", t.prompt, config)
     negative = negative if settings.cfg != 1.0 else None
     device = torch.device(device) if device is not None else _device(model)
 
@@ -148,12 +159,18 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
         positive = _model_inputs(active, embeds, context, settings, device)
         neg = None if negative is None else _model_inputs(negative, embeds, context, settings, device)
 
-        def step_callback(step, steps, x, x0, _position=position):
+        where = f"section {position + 1} of {n} (video section {section.video_index})"
+        step_check = StepCheck(where, lambda: diagnose(model, settings.dtype))
+
+        def step_callback(step, steps, x, x0, _position=position, _check=step_check):
+            _check(step, steps, x0)
             if on_step is not None:
                 on_step(_position, n, step, steps, x0)
 
-        sampled = sample_section(noise.to(device), positive, neg, step_callback, interrupt)
-        history = schedule.append(history, section.output(sampled.float().cpu(), start_latent.float()))
+        sampled = sample_section(noise.to(device), positive, neg, step_callback, interrupt).float().cpu()
+        step_check.finish()
+        check_finite(f"The sampled latents of {where}", sampled, diagnose(model, settings.dtype))
+        history = schedule.append(history, section.output(sampled, start_latent.float()))
         if on_section is not None:
             on_section(section, schedule.video_latents(history))
         if on_state is not None:
@@ -263,41 +280,18 @@ def _device(model):
 # validation
 
 
-def _start_and_prefix(mode, start_latent, extend_latents):
+def _start_and_prefix(mode, start_latent, extend_latents, config):
     if extend_latents is None:
         if start_latent is None:
             raise ValueError("generate() needs a start_latent (or extend_latents to continue a video).")
         return start_latent, None
-    _check_latent("extend_latents", extend_latents, frames=None)
+    check_latent("extend_latents", extend_latents, config, frames=None)
     if mode == "forward":
         return (extend_latents[:, :, :1] if start_latent is None else start_latent), extend_latents
     if start_latent is not None:
         raise ValueError("In inverted mode an extension starts from the input video's last frame; pass "
                          "either start_latent or extend_latents, not both.")
     return extend_latents[:, :, -1:], extend_latents[:, :, :-1]
-
-
-def _check_latent(name, latent, frames=1, like=None):
-    if not isinstance(latent, torch.Tensor) or latent.ndim != 5 or latent.shape[0] != 1:
-        shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
-        raise ValueError(f"{name} must be a video latent shaped (1, channels, frames, height, width), got {shape}.")
-    if frames is not None and latent.shape[2] != frames:
-        raise ValueError(f"{name} must hold {frames} latent frame(s), got {latent.shape[2]}.")
-    if like is not None and (latent.shape[1], *latent.shape[3:]) != (like[1], *like[3:]):
-        raise ValueError(f"{name} is {tuple(latent.shape[3:])} (latent H, W) with {latent.shape[1]} channels but "
-                         f"the start latent is {tuple(like[3:])} with {like[1]}: encode both images at the "
-                         "same resolution.")
-    if not torch.isfinite(latent).all():
-        raise ValueError(f"{name} contains NaN or inf values.")
-
-
-def _check_embeddings(name, embeds, like=None):
-    if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
-        raise ValueError(f"{name} must be the CLIP vision last_hidden_state shaped (1, tokens, dim).")
-    if like is not None and embeds.shape != like.shape:
-        raise ValueError(f"{name} is {tuple(embeds.shape)} but the start image's are {tuple(like.shape)}.")
-    if not torch.isfinite(embeds).all():
-        raise ValueError(f"{name} contains NaN or inf values.")
 
 
 def _guides(schedule, shape, end_latent, keyframes):
@@ -315,7 +309,7 @@ def _guides(schedule, shape, end_latent, keyframes):
         if not isinstance(index, int) or not 0 <= index < len(schedule):
             raise ValueError(f"Keyframe section {index!r} is out of range: this video has sections "
                              f"0..{len(schedule) - 1}.")
-        _check_latent("end_latent" if latent is end_latent else f"keyframe {index}", latent, like=shape)
+        check_latent("end_latent" if latent is end_latent else f"keyframe {index}", latent, like=shape)
     return guides
 
 

@@ -10,10 +10,9 @@ import logging
 import os
 
 import comfy.lora
-import comfy.utils
 import folder_paths
 
-from ..framepack_core.lora import FORMATS, convert_lora, describe_keys, split_key
+from ..framepack_core.lora import FORMATS, convert_lora, describe_keys, read_lora, split_key
 
 
 def lora_choices():
@@ -92,7 +91,7 @@ class FramePackLoraLoader:
     def read(self, path):
         stat = os.stat(path)
         if self.cached is None or self.cached[:3] != (path, stat.st_mtime_ns, stat.st_size):
-            self.cached = (path, stat.st_mtime_ns, stat.st_size, comfy.utils.load_torch_file(path, safe_load=True))
+            self.cached = (path, stat.st_mtime_ns, stat.st_size, read_lora(path))
         return self.cached[3]
 
     def load(self, model, lora_name, strength):
