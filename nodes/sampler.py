@@ -11,6 +11,7 @@ import folder_paths
 import latent_preview
 
 from ..framepack_core.cache import FRAMEPACK_MAG_RATIOS, MagCache, TeaCache, load_calibration
+from ..framepack_core.checks import check_image_embeddings, check_latent, check_prompt
 from ..framepack_core.model import section_memory_bytes
 from ..framepack_core.pipeline import Prompt, SamplingSettings, TimedPrompt, generate
 from ..framepack_core.sampling import SAMPLERS
@@ -25,7 +26,7 @@ BUILTIN_RATIOS = "FramePack-Studio (built-in)"
 
 
 def prompt_from_conditioning(conditioning, name, config):
-    """Our Prompt from ComfyUI CONDITIONING ([[hidden states, {"pooled_output": ...}]])."""
+    """Our Prompt from ComfyUI CONDITIONING ([[hidden states, {"pooled_output": ...}]]), checked against the model."""
     if not conditioning:
         raise ValueError(f"{name} conditioning is empty.")
     if len(conditioning) != 1:
@@ -33,38 +34,24 @@ def prompt_from_conditioning(conditioning, name, config):
                          "one prompt per range: use FramePack Timed Prompt for prompts that change over time.")
     text, extras = conditioning[0]
     pooled = extras.get("pooled_output")
-    if pooled is None or text.shape[-1] != config.text_dim or pooled.shape[-1] != config.pooled_dim:
-        raise ValueError(f"{name} conditioning is not HunyuanVideo text ({tuple(text.shape)}, pooled "
-                         f"{None if pooled is None else tuple(pooled.shape)}): encode it with DualCLIPLoader "
-                         f"type 'hunyuan_video' (llava_llama3 + clip_l), which gives {config.text_dim}-wide states.")
-    if text.shape[0] != 1:
-        raise ValueError(f"{name} conditioning holds a batch of {text.shape[0]} prompts; FramePack generates one "
-                         "video at a time: encode one prompt.")
-    return Prompt(text.float(), pooled.float(), extras.get("attention_mask"))
+    prompt = Prompt(text.float(), None if pooled is None else pooled.float(), extras.get("attention_mask"))
+    check_prompt(f"{name} conditioning", prompt, config)
+    return prompt
 
 
 def image_embeddings(clip_vision_output, name, config):
     if clip_vision_output is None:
         raise ValueError(f"{name} image embeddings are missing: encode the image with CLIPVisionEncode using "
                          "sigclip_vision_patch14_384.")
-    states = clip_vision_output["last_hidden_state"]
-    if states.shape[-1] != config.image_dim:
-        raise ValueError(f"{name} image embeddings are {states.shape[-1]} wide but the model expects "
-                         f"{config.image_dim}: use the SigLIP vision model sigclip_vision_patch14_384.")
-    if states.shape[0] != 1:
-        raise ValueError(f"{name} image embeddings hold {states.shape[0]} images; encode a single image (pick one "
-                         "frame with ImageFromBatch).")
-    return states.float()
+    states = clip_vision_output["last_hidden_state"].float()
+    check_image_embeddings(f"{name} image embeddings", states, config)
+    return states
 
 
-def video_latent(latent, name, scale):
-    """Model-space latent (1, C, T, h, w) from a ComfyUI LATENT."""
+def video_latent(latent, name, scale, config=None, frames=None):
+    """Model-space latent (1, C, T, h, w) from a ComfyUI LATENT, checked against the model."""
     samples = latent["samples"]
-    if samples.ndim != 5:
-        raise ValueError(f"{name} is not a video latent ({tuple(samples.shape)}): encode the image with VAEEncode "
-                         "and the HunyuanVideo VAE.")
-    if samples.shape[0] != 1:
-        raise ValueError(f"{name} holds a batch of {samples.shape[0]}; FramePack generates one video at a time.")
+    check_latent(name, samples, config, frames=frames)
     return samples.float() * scale
 
 
@@ -147,16 +134,24 @@ class FramePackSampler:
         config, fmt = unloaded.config, model.model.latent_format
         plan = schedule.build(config.clean_kernels)
         scale = fmt.scale_factor
-        start = video_latent(start_latent, "start_latent", scale)
-        if start.shape[2] != 1:
-            raise ValueError(f"start_latent has {start.shape[2]} latent frames; encode a single start image.")
-        extend = None if extend_latent is None else video_latent(extend_latent, "extend_latent", scale)
+        # every input is converted and checked against the model before it is loaded onto the GPU
+        start = video_latent(start_latent, "start_latent", scale, config, frames=1)
+        extend = None if extend_latent is None else video_latent(extend_latent, "extend_latent", scale, config)
         if extend is not None and plan.mode == "inverted":
             logging.warning("[FramePack] inverted extension starts from the last frame of extend_latent; "
                             "start_latent is not used (start_image_embeds should show that last frame).")
         step_cache = make_step_cache(cache, teacache, magcache_calibration, magcache_threshold, magcache_max_skips,
                                      magcache_retention, plan.mode)
-
+        inputs = dict(
+            image_embeddings=image_embeddings(start_image_embeds, "start", config),
+            prompt=prompt_from_conditioning(positive, "positive", config),
+            negative=prompt_from_conditioning(negative, "negative", config) if cfg != 1.0 else None,
+            end_latent=None if end_latent is None else video_latent(end_latent, "end_latent", scale, config, frames=1),
+            end_image_embeddings=None if end_image_embeds is None else image_embeddings(end_image_embeds, "end", config),
+            keyframes={k: v * scale for k, v in (keyframes or {}).items()},
+            timed_prompts=[TimedPrompt(prompt_from_conditioning(c, "timed", config), a, b)
+                           for c, a, b in (timed_prompts or [])],
+            extend_latents=extend)
         height, width = start.shape[-2:]
         tokens = plan.token_budget(height, width).total_tokens
         memory = lambda batch: section_memory_bytes(config, tokens, unloaded.compute_dtype, batch=batch)  # noqa: E731
@@ -178,22 +173,12 @@ class FramePackSampler:
         model.pre_run()  # as ComfyUI's samplers do: current_patcher and ON_PRE_RUN callbacks
         saved = SavedSections(resume_store(), len(plan)) if resume else None
         try:
-            result = generate(
-                transformer, plan, None if extend is not None and plan.mode == "inverted" else start,
-                image_embeddings(start_image_embeds, "start", config),
-                prompt_from_conditioning(positive, "positive", config),
-                prompt_from_conditioning(negative, "negative", config) if cfg != 1.0 else None,
-                settings,
-                end_latent=None if end_latent is None else video_latent(end_latent, "end_latent", scale),
-                end_image_embeddings=None if end_image_embeds is None else image_embeddings(end_image_embeds, "end", config),
-                keyframes={k: v * scale for k, v in (keyframes or {}).items()},
-                timed_prompts=[TimedPrompt(prompt_from_conditioning(c, "timed", config), a, b)
-                               for c, a, b in (timed_prompts or [])],
-                extend_latents=extend, fps=schedule.fps, on_step=on_step,
-                interrupt=mm.throw_exception_if_processing_interrupted, device=model.load_device,
-                model_call=model_call, transformer_options=transformer_options,
-                resume_from=saved and saved.load, on_state=saved and saved.save,
-                weights_identity=saved and model_identity(model))
+            result = generate(transformer, plan, None if extend is not None and plan.mode == "inverted" else start,
+                              settings=settings, fps=schedule.fps, on_step=on_step,
+                              interrupt=mm.throw_exception_if_processing_interrupted, device=model.load_device,
+                              model_call=model_call, transformer_options=transformer_options,
+                              resume_from=saved and saved.load, on_state=saved and saved.save,
+                              weights_identity=saved and model_identity(model), **inputs)
         except BaseException as e:
             if saved is not None:
                 saved.report_stop(e)
