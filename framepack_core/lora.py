@@ -169,7 +169,12 @@ def read_lora(path):
                               "weights are floating point: the file is damaged or not a LoRA. Download it again.")
     with open_safetensors(path) as f:
         tensors = {k: f.get_tensor(k) for k in header}
-    return {k: t if t.is_floating_point() else t.float() for k, t in tensors.items()}
+    tensors = {k: t if t.is_floating_point() else t.float() for k, t in tensors.items()}
+    broken = [k for k, t in tensors.items() if not torch.isfinite(t.to(torch.float16) if t.itemsize == 1 else t).all()]
+    if broken:  # a NaN in a LoRA makes every prediction NaN: a black video
+        raise CheckpointError(f"{path.name} holds NaN or inf values ({describe_keys(broken, 3)}): the LoRA is "
+                              "corrupt or was saved after its training diverged. Download it again or use another.")
+    return tensors
 
 
 @lru_cache(maxsize=1)
@@ -273,6 +278,7 @@ def convert_lora(lora, shapes=None):
             missing = [n for n in names if n not in modules]
             if missing:
                 raise _Skip(f"this model has no {', '.join(missing)}")
+            _check_ranks(tensors)
             pieces = _convert_group(kind, names, _peft_bias(tensors), shapes)
         except _Skip as e:
             unmatched += [k for k, _ in group.values()]
@@ -316,6 +322,20 @@ def _alpha(t):
     if t.numel() != 1:
         raise _Skip(f"alpha must be one number, got shape {tuple(t.shape)}")
     return float(t.reshape(()).item())
+
+
+# tensors that are matrices (or conv kernels) in every adapter type
+_MATRICES = {_UP, _DOWN, "lora_mid.weight", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1_a",
+             "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "a1.weight", "a2.weight", "b1.weight", "b2.weight"}
+
+
+def _check_ranks(tensors):
+    """Tensors have the rank their role needs and no empty axis (a rank-0 LoRA would divide by zero)."""
+    for name, t in tensors.items():
+        if name == "alpha":
+            continue
+        if t.ndim < (2 if name in _MATRICES else 1) or 0 in t.shape:
+            raise _Skip(f"{name} is shaped {tuple(t.shape)}, which no {name.split('.')[0]} tensor can be")
 
 
 def _convert_group(kind, names, tensors, shapes):

@@ -1,6 +1,7 @@
 """Loading real safetensors checkpoints: layouts, prefixes, dtypes, and clear errors for wrong files."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -250,3 +251,150 @@ def test_a_layer_left_without_its_weight_is_named(tiny_state, tmp_path):
     state = {k: v for k, v in tiny_state.items() if k != "transformer_blocks.0.attn.to_q.weight"}
     with pytest.raises(CheckpointError, match=r"missing 1 tensors \(e.g. transformer_blocks.0.attn.to_q.weight\)"):
         load_transformer(save_single_file(tmp_path / "m.safetensors", state), operations=LazyOps)
+
+
+# ---------------------------------------------------------------------------------------------
+# shard names stay inside the folder; symlinked shards (the Hugging Face cache) load
+
+
+def _rewrite_index(folder, change):
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = {k: change(v) for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/shard.safetensors",
+                                  "..\\outside.safetensors", "..", ""])
+def test_shard_names_cannot_leave_the_folder(tiny_state, tmp_path, name):
+    folder = save_diffusers_folder(tmp_path / "model", tiny_state, TINY, shards=2)
+    (tmp_path / "outside.safetensors").write_bytes(next(folder.glob("*.safetensors")).read_bytes())
+    _rewrite_index(folder, lambda v: name if v.endswith("00001-of-00002.safetensors") else v)
+    with pytest.raises(CheckpointError, match=f"names a shard {re.escape(repr(name))} that is not a plain file name"):
+        load_transformer(folder)
+
+
+def test_symlinked_shards_as_in_the_hugging_face_cache(tiny_state, tmp_path):
+    """snapshots/<rev>/ holds symlinks into ../../blobs/, as huggingface_hub lays out its cache."""
+    source = save_diffusers_folder(tmp_path / "download", tiny_state, TINY, shards=3)
+    repo = tmp_path / "models--lllyasviel--FramePackI2V_HY"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / "0123abc"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(source.iterdir())):
+        (blobs / f"blob{i}").write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(f"../../blobs/blob{i}")
+    assert all(p.is_symlink() for p in snapshot.iterdir())
+    model = load_transformer(snapshot)
+    assert model.config == TINY and _same_weights(model, tiny_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# malformed files: each names the file, what it looks like and the fix
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", r"diffusion_pytorch_model.safetensors.index.json is not valid JSON .*Download .* again"),
+    ("[1, 2]", "holds a JSON list, not the object a shard index is"),
+    ('{"weight_map": []}', "has no weight_map of tensor names to shard files"),
+    ('{"weight_map": {"x": 3}}', "names a shard 3 that is not a plain file name"),
+])
+def test_malformed_index(tiny_state, tmp_path, content, message):
+    folder = save_diffusers_folder(tmp_path / "model", tiny_state, TINY, shards=2)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_transformer(folder)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("\x00\x01 binary", r"config.json is not valid JSON"),
+    ('"a string"', "config.json holds a JSON str, not the object a model config is"),
+    ('{"rope_axes_dim": "16,56,56"}', r"config.json's rope_axes_dim is '16,56,56', not a valid value"),
+    ('{"rope_axes_dim": [4, 14, 13.5]}', r"rope_axes_dim \[4, 14, 13.5\] must be three positive even numbers"),
+    ('{"rope_theta": NaN}', "config.json's rope_theta is nan"),
+])
+def test_malformed_config_json(tiny_state, tmp_path, content, message):
+    folder = save_diffusers_folder(tmp_path / "model", tiny_state, TINY, shards=1)
+    (folder / "config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_transformer(folder)
+
+
+def _header_file(path, header, data=b""):
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n"),
+     "is a Git LFS pointer .*git lfs pull"),
+    (lambda p: p.write_bytes(b"<!DOCTYPE html><html>Sign in</html>"), r"is a web page \(HTML\)"),
+    (lambda p: p.write_bytes(b'{"weight_map": {}}'), "is a JSON text file, not weights"),
+    (lambda p: p.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64)), "is a GGUF file"),
+    (lambda p: p.write_bytes(bytes(range(256)) * 8), r"is not a safetensors file: .*\(random or damaged data\)"),
+    (lambda p: p.write_bytes(b"\x05\x00"), "is too short to be a safetensors file"),
+    (lambda p: p.write_bytes((5000).to_bytes(8, "little") + b'{"x": '), "is truncated: its header alone should take 5000"),
+    (lambda p: _header_file(p, {"x": {"dtype": "F32", "shape": [2]}}), "has a damaged header entry for tensor 'x'"),
+    (lambda p: _header_file(p, {"x": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+     "has a tensor 'x' of dtype 'Q4', which this loader cannot read"),
+    (lambda p: _header_file(p, {"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)),
+     r"has an inconsistent header: tensor x \(F32 \[3\]\) needs 12 bytes but its offsets \[0, 8\] span 8"),
+    (lambda p: _header_file(p, {"x": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)),
+     "has an inconsistent header: tensor x starts at byte 4, where the previous tensor ends at 0"),
+    (lambda p: _header_file(p, {"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8)),
+     "is truncated: its tensors need 16 bytes after the header but only 8"),
+    (lambda p: _header_file(p, {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(12)),
+     "has 4 unexpected bytes after its last tensor"),
+    (lambda p: _header_file(p, {"__metadata__": {"a": 1}}), "has damaged metadata"),
+])
+def test_malformed_files_say_what_they_look_like(tmp_path, make, message):
+    path = tmp_path / "model.safetensors"
+    make(path)
+    with pytest.raises(CheckpointError, match="model.safetensors " + message):
+        load_transformer(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool, torch.uint8])
+def test_integer_and_bool_tensors_are_not_weights(tiny_state, tmp_path, dtype):
+    state = dict(tiny_state)
+    state["transformer_blocks.0.attn.to_q.weight"] = state["transformer_blocks.0.attn.to_q.weight"].to(dtype)
+    with pytest.raises(CheckpointError, match=r"m.safetensors: 1 tensors hold integers or booleans "
+                                              r"\(transformer_blocks.0.attn.to_q.weight \((I8|I64|BOOL|U8)\)\)"):
+        load_transformer(save_single_file(tmp_path / "m.safetensors", state))
+
+
+def test_wrong_shape_is_named_before_reading(tiny_state, tmp_path):
+    state = {**tiny_state, "transformer_blocks.1.ff.net.2.weight": torch.zeros(TINY.num_heads * TINY.head_dim, 7)}
+    with pytest.raises(CheckpointError, match=r"transformer_blocks.1.ff.net.2.weight \[64, 7\] \(expected \[64, 256\]\)"):
+        load_transformer(save_single_file(tmp_path / "m.safetensors", state))
+
+
+# ---------------------------------------------------------------------------------------------
+# lookalikes
+
+
+def _comfy_hunyuan_video():
+    z = torch.zeros
+    return {"img_in.proj.weight": z(3072, 16, 1, 2, 2), "double_blocks.0.img_attn.qkv.weight": z(9216, 8),
+            "double_blocks.0.img_mod.lin.weight": z(8, 8), "single_blocks.0.linear1.weight": z(8, 8),
+            "txt_in.individual_token_refiner.blocks.0.norm1.weight": z(8),
+            "txt_in.individual_token_refiner.blocks.0.self_attn.qkv.weight": z(24, 8),
+            "final_layer.linear.weight": z(64, 8)}
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_comfyui_repackaged_hunyuan_video_is_named(tmp_path, prefix):
+    path = save_single_file(tmp_path / "hunyuan_video_t2v_720p_bf16.safetensors", _comfy_hunyuan_video(), prefix=prefix)
+    with pytest.raises(CheckpointError, match="hunyuan_video_t2v_720p_bf16.safetensors: This checkpoint looks like "
+                       r"ComfyUI's repackaged HunyuanVideo transformer .*Load Diffusion Model.*FramePackI2V_HY_bf16"):
+        load_transformer(path)
+
+
+def test_flux_and_lora_are_named(tmp_path):
+    flux = {"img_in.weight": torch.zeros(8, 4), "double_blocks.0.img_attn.qkv.weight": torch.zeros(24, 8)}
+    with pytest.raises(CheckpointError, match="looks like a Flux transformer"):
+        load_transformer(save_single_file(tmp_path / "flux.safetensors", flux))
+    lora = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8)}
+    with pytest.raises(CheckpointError, match="This is a LoRA, not a FramePack transformer.*models/loras"):
+        load_transformer(save_single_file(tmp_path / "lora.safetensors", lora))

@@ -1,9 +1,13 @@
 """LoRA conversion to our module names: every format, the fused-layer split math, reporting, bad input."""
 
+import re
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from framepack_core.lora import FORMATS, convert_lora, default_shapes, lora_delta, split_key
+from framepack_core.files import CheckpointError
+from framepack_core.lora import FORMATS, convert_lora, default_shapes, lora_delta, read_lora, split_key
 from framepack_core.synthetic import TINY, random_state_dict
 
 RANK = 4
@@ -413,3 +417,55 @@ def test_split_key_and_formats_text():
     assert split_key("alpha") is None and split_key("a.weight") is None
     for word in ("diffusers", "PEFT", "kohya", "HunyuanVideo", "lora_unet_"):
         assert word in FORMATS
+
+
+# ---------------------------------------------------------------------------------------------
+# reading LoRA files: malformed files are clear errors, never raw ones
+
+
+@pytest.mark.parametrize("tensors, reason", [
+    ({"lora_B.weight": torch.zeros(()), "lora_A.weight": torch.zeros(4, 64)}, r"lora_up.weight is shaped \(\)"),
+    ({"lora_B.weight": torch.zeros(64), "lora_A.weight": torch.zeros(4, 64)}, r"lora_up.weight is shaped \(64,\)"),
+    ({"lora_B.weight": torch.zeros(64, 0), "lora_A.weight": torch.zeros(0, 64), "alpha": torch.tensor(1.0)},
+     r"is shaped \((64, 0|0, 64)\)"),
+    ({"lora_B.weight": torch.zeros(64, 4), "lora_A.weight": torch.zeros(4, 64), "dora_scale": torch.zeros(())},
+     r"dora_scale is shaped \(\)"),
+    ({"hada_w1_a": torch.zeros(()), "hada_w1_b": torch.zeros(()), "hada_w2_a": torch.zeros(()),
+      "hada_w2_b": torch.zeros(())}, "hada_w1_a is shaped"),
+])
+def test_tensors_of_impossible_rank_are_left_out_with_a_reason(shapes, tensors, reason):
+    for stem in ("transformer.transformer_blocks.0.attn.to_q", "double_blocks.0.img_attn_qkv"):
+        converted = convert_lora({f"{stem}.{k}": v for k, v in tensors.items()}, shapes)
+        assert not converted.state_dict and len(converted.reasons) == 1
+        assert re.search(reason, next(iter(converted.reasons.values())))
+
+
+def _lora_file(path, **extra):
+    save_file({"transformer.proj_out.lora_A.weight": torch.ones(4, 8), "transformer.proj_out.lora_B.weight":
+               torch.ones(16, 4), **extra}, str(path))
+    return path
+
+
+def test_read_lora(tmp_path):
+    lora = read_lora(_lora_file(tmp_path / "l.safetensors", **{"transformer.proj_out.alpha": torch.tensor(2)}))
+    assert lora["transformer.proj_out.alpha"].dtype == torch.float32  # integer alpha, as some trainers save it
+    assert lora["transformer.proj_out.lora_B.weight"].shape == (16, 4)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(b""), "is empty"),
+    (lambda p: p.write_bytes(_lora_file(p).read_bytes()[:-10]), "is truncated"),
+    (lambda p: p.write_bytes(bytes(range(200, 256)) * 20), "is not a safetensors file"),
+    (lambda p: torch.save({"a": torch.ones(2)}, p), "is a pickled PyTorch checkpoint"),
+    (lambda p: _lora_file(p, **{"transformer.proj_out.diff_b": torch.ones(16, dtype=torch.int32)}),
+     r"holds integer or bool tensors \(transformer.proj_out.diff_b \(I32\)\)"),
+    (lambda p: _lora_file(p, **{"transformer.proj_out.alpha": torch.tensor(True)}), "holds integer or bool tensors"),
+    (lambda p: _lora_file(p, **{"transformer.proj_out.diff_b": torch.full((16,), float("nan"))}),
+     r"holds NaN or inf values \(transformer.proj_out.diff_b\)"),
+    (lambda p: save_file({}, str(p)), "holds no tensors"),
+])
+def test_malformed_lora_files(tmp_path, make, message):
+    path = tmp_path / "style.safetensors"
+    make(path)
+    with pytest.raises(CheckpointError, match="style.safetensors " + message):
+        read_lora(path)
