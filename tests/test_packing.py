@@ -354,3 +354,21 @@ def test_other_validation_errors():
             sections_for_length(seconds)
     with pytest.raises(ValueError, match="latent_height"):
         make_schedule("inverted", 1).token_budget(0, 8)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_sections=10 ** 9), r"num_sections must be at most 1000, got 1000000000 \(a typo\?\)"),
+    (dict(num_sections=2, window=900), "window must be at most 64"),
+    (dict(num_sections=2, counts=(1, 2, 16000)), "count for kernel 4 is 16000, more than 256"),
+    (dict(num_sections=2, even_spread=10 ** 8), "more than 256 history frames"),
+    (dict(num_sections=1000, window=64, anti_drift_padding=False), "turn anti_drift_padding on"),
+])
+def test_schedule_sizes_are_bounded(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_schedule("inverted", **kwargs)
+
+
+def test_largest_allowed_schedule_is_cheap():
+    schedule = make_schedule("inverted", 1000, window=64, counts=(256, 256, 256))
+    assert len(schedule) == 1000 and max(s.padding for s in schedule) == 3
+    assert len(make_schedule("inverted", 200, window=9, anti_drift_padding=False)) == 200

@@ -370,3 +370,24 @@ def test_sampler_input_errors(pack, tiny_model, overrides, message):
     overrides = {k: special.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
     with pytest.raises(ValueError, match=message):
         sample(pack, tiny_model, **overrides)
+
+
+def test_non_finite_values_stop_the_sampler_with_the_engine_message(comfy, pack, tiny_model):
+    """A corrupt checkpoint (one NaN weight) and NaN conditioning: the node raises the engine's error, which
+    ComfyUI shows, instead of returning a black video."""
+    from framepack_core.checks import NonFiniteError
+    from framepack_core.synthetic import random_state_dict, save_single_file
+
+    state = random_state_dict(TINY, seed=0)
+    state["transformer_blocks.1.ff.net.2.weight"][0, 0] = float("nan")
+    save_single_file(comfy.models / "diffusion_models" / "e2e_nan_weight.safetensors", state)
+    corrupt = load_model(pack, "e2e_nan_weight.safetensors")
+    with pytest.raises(FloatingPointError, match=rf"section 1 of {SECTIONS} \(video section 1\), step 1 of {STEPS}"
+                       r".*transformer_blocks.1.ff.net.2.weight contains NaN.*Download it again") as error:
+        sample(pack, corrupt)
+    assert type(error.value).__name__ == NonFiniteError.__name__  # the pack's copy of the class, as ComfyUI loaded it
+
+    nan_text = conditioning()
+    nan_text[0][1]["pooled_output"][0, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"positive conditioning \(pooled vector\) contains NaN or inf.*bf16 or fp32"):
+        sample(pack, tiny_model, positive=nan_text)

@@ -196,3 +196,17 @@ def test_strength_zero_and_file_types(comfy, tiny, model):
     assert node.load(model, "anything.safetensors", 0.0)[0] is model
     with pytest.raises(ValueError, match="safetensors"):
         node.load(model, "pickled.pt", 1.0)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[: len(data) // 2], "is truncated"),
+    (lambda data: bytes(range(256)) * 4, "is not a safetensors file"),
+    (lambda data: b"", "is empty"),
+])
+def test_malformed_lora_file_is_a_clear_error(comfy, tiny, model, damage, message):
+    name = write_lora(comfy, "damaged_lora.safetensors", {"transformer.proj_out.lora_A.weight": torch.ones(RANK, D),
+                                                          "transformer.proj_out.lora_B.weight": torch.ones(64, RANK)})
+    path = comfy.models / "loras" / name
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=f"{name} {message}.*[Dd]ownload it again"):
+        comfy.pack["FramePackLoraLoader"]().load(model, name, 1.0)
