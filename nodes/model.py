@@ -95,7 +95,7 @@ def load_framepack(path, weight_dtype="auto", attention="auto"):
         shapes = [v for k, v in read_key_shapes(path).items() if quant is None or not quant.is_extra(k)]
         params = sum(math.prod(shape) for shape, _ in shapes)
         stored = [SAFETENSORS_DTYPES.get(d) for _, d in shapes]
-        file_dtype = None if quant is not None else max(set(stored), key=stored.count)
+        file_dtype = None if quant is not None or not stored else max(set(stored), key=stored.count)
         storage = mm.unet_dtype(model_params=params, supported_dtypes=FramePackModelConfig.supported_inference_dtypes,
                                 weight_dtype=file_dtype)
     compute = mm.unet_manual_cast(storage, load_device, FramePackModelConfig.supported_inference_dtypes) or storage

@@ -293,29 +293,23 @@ def test_symlinked_shards_as_in_the_hugging_face_cache(tiny_state, tmp_path):
 # malformed files: each names the file, what it looks like and the fix
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", r"diffusion_pytorch_model.safetensors.index.json is not valid JSON .*Download .* again"),
-    ("[1, 2]", "holds a JSON list, not the object a shard index is"),
-    ('{"weight_map": []}', "has no weight_map of tensor names to shard files"),
-    ('{"weight_map": {"x": 3}}', "names a shard 3 that is not a plain file name"),
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+@pytest.mark.parametrize("file, content, message", [
+    (INDEX, "{not json", rf"{INDEX} is not valid JSON .*Download .* again"),
+    (INDEX, "[1, 2]", "holds a JSON list, not the object a shard index is"),
+    (INDEX, '{"weight_map": []}', "has no weight_map of tensor names to shard files"),
+    (INDEX, '{"weight_map": {"x": 3}}', "names a shard 3 that is not a plain file name"),
+    ("config.json", "\x00\x01 binary", r"config.json is not valid JSON"),
+    ("config.json", '"a string"', "config.json holds a JSON str, not the object a model config is"),
+    ("config.json", '{"rope_axes_dim": "16,56,56"}', r"config.json's rope_axes_dim is '16,56,56', not a valid value"),
+    ("config.json", '{"rope_axes_dim": [4, 14, 13.5]}', r"rope_axes_dim \[4, 14, 13.5\] must be three positive even"),
+    ("config.json", '{"rope_theta": NaN}', "config.json's rope_theta is nan"),
 ])
-def test_malformed_index(tiny_state, tmp_path, content, message):
+def test_malformed_index_or_config(tiny_state, tmp_path, file, content, message):
     folder = save_diffusers_folder(tmp_path / "model", tiny_state, TINY, shards=2)
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(content)
-    with pytest.raises(CheckpointError, match=message):
-        load_transformer(folder)
-
-
-@pytest.mark.parametrize("content, message", [
-    ("\x00\x01 binary", r"config.json is not valid JSON"),
-    ('"a string"', "config.json holds a JSON str, not the object a model config is"),
-    ('{"rope_axes_dim": "16,56,56"}', r"config.json's rope_axes_dim is '16,56,56', not a valid value"),
-    ('{"rope_axes_dim": [4, 14, 13.5]}', r"rope_axes_dim \[4, 14, 13.5\] must be three positive even numbers"),
-    ('{"rope_theta": NaN}', "config.json's rope_theta is nan"),
-])
-def test_malformed_config_json(tiny_state, tmp_path, content, message):
-    folder = save_diffusers_folder(tmp_path / "model", tiny_state, TINY, shards=1)
-    (folder / "config.json").write_text(content)
+    (folder / file).write_text(content)
     with pytest.raises(CheckpointError, match=message):
         load_transformer(folder)
 
