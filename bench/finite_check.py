@@ -37,7 +37,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = parser.parse_args()
-    steps, reps = (3, 2) if args.quick else (5, 5)
+    steps, reps = (2, 2) if args.quick else (3, 3)
 
     with tempfile.TemporaryDirectory() as tmp:
         model = load_transformer(save_single_file(Path(tmp) / "medium.safetensors", random_state_dict(MEDIUM)))
