@@ -38,6 +38,7 @@ RESOLUTION, WINDOW, STEPS = 32, 3, 2  # bucket, latent frames per section, steps
 BUCKET = nearest_bucket(*IMAGE_HW, RESOLUTION)
 VIDEO_FRAMES = 9                      # input_video.mp4 for the extension workflow: 3 latent frames
 BROKEN = "broken_download.safetensors"
+NAN_WEIGHT = "one_nan_weight.safetensors"  # a corrupt checkpoint that loads but predicts NaN
 
 
 def write_image(path, seed):
@@ -75,6 +76,9 @@ def server(comfy, tmp_path_factory):
                         config=REAL_WIDTHS)
         good = (models / "diffusion_models" / "FramePackI2V_HY_bf16.safetensors").read_bytes()
         (models / "diffusion_models" / BROKEN).write_bytes(good[: len(good) // 2])  # an interrupted download
+        state = write_framepack(models / "diffusion_models" / NAN_WEIGHT, seed=0, config=REAL_WIDTHS)
+        state["transformer_blocks.0.attn.to_out.0.weight"][1, 2] = float("nan")
+        save_file(state, str(models / "diffusion_models" / NAN_WEIGHT))
         vae = {k: v.to(torch.bfloat16) for k, v in hunyuan_vae_state_dict().items()}
         save_file(vae, str(models / "vae" / "hunyuan_video_vae_bf16.safetensors"))
     inputs = base / "input"
@@ -230,6 +234,20 @@ def test_bad_checkpoint_is_an_execution_error_and_the_server_stays_up(server, ob
 
     good = prompt_for(server, object_info, "image_to_video", seed=202)
     assert server.run(good).status == "execution_success"
+
+
+def test_nan_prediction_is_an_execution_error_naming_step_and_fix(server, object_info):
+    prompt = prompt_for(server, object_info, "image_to_video", seed=203)
+    prompt[node_of(prompt, "FramePackModelLoader")]["inputs"]["model_name"] = NAN_WEIGHT
+    run = server.run(prompt)
+    assert run.status == "execution_error"
+    error = run.error
+    assert error["node_type"] == "FramePackSampler" and error["exception_type"].endswith("NonFiniteError"), error
+    message = error["exception_message"]
+    assert "section 1 of 2" in message and f"step 1 of {STEPS}" in message, message
+    assert "transformer_blocks.0.attn.to_out.0.weight contains NaN" in message and "Download it again" in message
+    assert not video_files(server, run), "no black video is written"
+    assert server.alive
 
 
 def test_invalid_prompt_is_rejected_with_node_errors(server, object_info):
