@@ -222,12 +222,17 @@ def test_interrupt_mid_run_then_the_next_run_completes(server, object_info):
     assert read_video(video_files(server, again)[0])[0] == 4 * (1 + 3 * WINDOW) - 3
 
 
-def test_bad_checkpoint_is_an_execution_error_and_the_server_stays_up(server, object_info):
-    prompt = prompt_for(server, object_info, "image_to_video", seed=202)
-    prompt[node_of(prompt, "FramePackModelLoader")]["inputs"]["model_name"] = BROKEN
+def failed_run(server, object_info, model_name, seed):
+    """image_to_video with the checkpoint ``model_name``; the run must end in an execution error."""
+    prompt = prompt_for(server, object_info, "image_to_video", seed=seed)
+    prompt[node_of(prompt, "FramePackModelLoader")]["inputs"]["model_name"] = model_name
     run = server.run(prompt)
     assert run.status == "execution_error"
-    error = run.error
+    return run
+
+
+def test_bad_checkpoint_is_an_execution_error_and_the_server_stays_up(server, object_info):
+    error = failed_run(server, object_info, BROKEN, seed=202).error
     assert error["node_type"] == "FramePackModelLoader"
     assert BROKEN in error["exception_message"] and "truncated" in error["exception_message"].lower(), error
     assert server.alive and server.get("/system_stats")
@@ -237,10 +242,7 @@ def test_bad_checkpoint_is_an_execution_error_and_the_server_stays_up(server, ob
 
 
 def test_nan_prediction_is_an_execution_error_naming_step_and_fix(server, object_info):
-    prompt = prompt_for(server, object_info, "image_to_video", seed=203)
-    prompt[node_of(prompt, "FramePackModelLoader")]["inputs"]["model_name"] = NAN_WEIGHT
-    run = server.run(prompt)
-    assert run.status == "execution_error"
+    run = failed_run(server, object_info, NAN_WEIGHT, seed=203)
     error = run.error
     assert error["node_type"] == "FramePackSampler" and error["exception_type"].endswith("NonFiniteError"), error
     message = error["exception_message"]
