@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .cache import TeaCache
-from .checks import (StepCheck, check_finite, check_image_embeddings, check_latent, check_prompt, check_settings,
+from .checks import (NonFiniteError, StepCheck, check_image_embeddings, check_latent, check_prompt, check_settings,
                      diagnose)
 from .decode import section_ranges
 from .resume import STATE_FORMAT, Fingerprint, GenerationState, weights_digest
@@ -169,7 +169,9 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
 
         sampled = sample_section(noise.to(device), positive, neg, step_callback, interrupt).float().cpu()
         step_check.finish()
-        check_finite(f"The sampled latents of {where}", sampled, diagnose(model, settings.dtype))
+        if not torch.isfinite(sampled).all():  # e.g. a plug sampler that never calls on_step
+            raise NonFiniteError(f"The sampled latents of {where} contain NaN or inf; the video would be black. "
+                                 f"{diagnose(model, settings.dtype)}")
         history = schedule.append(history, section.output(sampled, start_latent.float()))
         if on_section is not None:
             on_section(section, schedule.video_latents(history))
