@@ -7,6 +7,7 @@ from .magcache import FramePackMagCacheCalibrate
 from .model import FramePackModelLoader
 from .sampler import FramePackSampler
 from .schedule import FramePackSchedule
+from .single_frame import FramePackSingleFrame
 
 NODE_CLASS_MAPPINGS = {
     "FramePackModelLoader": FramePackModelLoader,
@@ -19,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "FramePackResolutionBucket": FramePackResolutionBucket,
     "FramePackKeyframe": FramePackKeyframe,
     "FramePackTimedPrompt": FramePackTimedPrompt,
+    "FramePackSingleFrame": FramePackSingleFrame,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -32,4 +34,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FramePackResolutionBucket": "FramePack Resolution Bucket",
     "FramePackKeyframe": "FramePack Keyframe",
     "FramePackTimedPrompt": "FramePack Timed Prompt",
+    "FramePackSingleFrame": "FramePack Single Frame",
 }
