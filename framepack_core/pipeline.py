@@ -18,7 +18,7 @@ from .checks import (NonFiniteError, StepCheck, check_image_embeddings, check_la
                      diagnose)
 from .decode import section_ranges
 from .resume import STATE_FORMAT, Fingerprint, GenerationState, weights_digest
-from .sampling import make_flow_denoiser, sample, sigma_schedule
+from .sampling import make_flow_denoiser, noise_to_sigma, sample, sigma_schedule, truncate_sigmas
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class SamplingSettings:
     cache: object = None  # a step-cache strategy (cache.TeaCache / cache.MagCache), fresh state per section and stream
     cfg_batch: bool = True  # with real CFG, run positive and negative as one batch of 2 (False: one after the other)
     dtype: torch.dtype = torch.bfloat16  # dtype the transformer runs in
+    denoise: float = 1.0  # with guide latents (video-to-video): the share of each section's steps sampled
 
 
 @dataclass
@@ -69,8 +70,8 @@ class GenerationResult:
 
 def generate(model, schedule, start_latent, image_embeddings, prompt, negative=None, settings=SamplingSettings(),
              *, end_latent=None, end_image_embeddings=None, keyframes=None, timed_prompts=(),
-             extend_latents=None, fps=30.0, sample_section=None, on_step=None, on_section=None, interrupt=None,
-             device=None, model_call=None, transformer_options=None, resume_from=None, on_state=None,
+             extend_latents=None, guide_latents=None, fps=30.0, sample_section=None, on_step=None, on_section=None,
+             interrupt=None, device=None, model_call=None, transformer_options=None, resume_from=None, on_state=None,
              weights_identity=None):
     """Generate a video's latents section by section.
 
@@ -84,8 +85,13 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
     timed_prompts: ``TimedPrompt``s; a section whose start time falls in a range uses that prompt.
     extend_latents: (1, C, T, H, W) video to continue. Forward mode keeps it as history (start_latent
         defaults to its first frame); inverted mode starts from its last frame and appends after it.
+    guide_latents: (1, C, T, H, W) a video to follow (video-to-video), frame 0 aligned with the start
+        frame, at least 1 + sections * window frames (extra frames are not used). Each section starts from
+        its own slice of it, re-noised to the sigma ``settings.denoise`` selects (see ``truncate_sigmas``),
+        with the same noise draws as ordinary generation, and samples only the remaining steps.
     sample_section(noise, positive, negative, on_step, interrupt) -> latents: replaces the default
         sampler (``DefaultSectionSampler``); positive/negative are the transformer's keyword arguments.
+        With guide_latents it is also given ``guide=`` (the section's slice, model space).
     on_step(section_position, num_sections, step, steps, x0): after every sampler step.
     on_section(section, video_latents_so_far): after every section. interrupt(): raises to stop.
     device: where the transformer runs (default: where its first weight is; pass it when the model is
@@ -124,6 +130,7 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
         check_prompt("negative", negative, config)
     for t in timed:
         check_prompt(f"timed prompt [{t.start}, {t.end})", t.prompt, config)
+    _check_guide(guide_latents, schedule, shape, settings.denoise, extend_latents)
     negative = negative if settings.cfg != 1.0 else None
     device = torch.device(device) if device is not None else _device(model)
 
@@ -133,7 +140,8 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
             model, weights_identity, schedule, settings, device, sample_section or model_call,
             start_latent=start_latent,
             prefix=prefix, image_embeddings=image_embeddings, end_image_embeddings=end_image_embeddings,
-            prompt=prompt, negative=negative, guides=guides, timed_prompts=timed, fps=float(fps))
+            prompt=prompt, negative=negative, guides=guides, timed_prompts=timed, guide_latents=guide_latents,
+            fps=float(fps))
     sample_section = sample_section or DefaultSectionSampler(model, settings, model_call, transformer_options)
 
     generator = torch.Generator("cpu").manual_seed(settings.seed)
@@ -167,7 +175,9 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
             if on_step is not None:
                 on_step(_position, n, step, steps, x0)
 
-        sampled = sample_section(noise.to(device), positive, neg, step_callback, interrupt).float().cpu()
+        guided = {} if guide_latents is None else {"guide": guide_latents[
+            :, :, section.first_video_frame:section.first_video_frame + window].float().to(device)}
+        sampled = sample_section(noise.to(device), positive, neg, step_callback, interrupt, **guided).float().cpu()
         step_check.finish()
         if not torch.isfinite(sampled).all():  # e.g. a plug sampler that never calls on_step
             raise NonFiniteError(f"The sampled latents of {where} contain NaN or inf; the video would be black. "
@@ -226,14 +236,19 @@ class DefaultSectionSampler:
         self.model, self.settings = model, settings
         self.model_call, self.transformer_options = model_call or model, transformer_options
 
-    def __call__(self, noise, positive, negative, on_step, interrupt):
+    def __call__(self, noise, positive, negative, on_step, interrupt, guide=None):
         s = self.settings
         _, _, frames, height, width = noise.shape
         sigmas = sigma_schedule(s.steps, token_count=frames * height * width // 4, shift=s.shift)
+        if guide is not None:  # video-to-video: start from the guide re-noised part of the way
+            sigmas = truncate_sigmas(sigmas, s.denoise)
+            if len(sigmas) < 2:
+                return guide.to(noise)  # denoise rounds to 0 steps: the guide itself
+            noise = noise_to_sigma(guide.to(noise), noise, sigmas[0])
         cache = step_cache(s)
         if cache is not None:  # fresh state per section and per stream, as the original resets it
-            positive = {**positive, "cache": cache.start(s.steps, "positive")}
-            negative = None if negative is None else {**negative, "cache": cache.start(s.steps, "negative")}
+            positive = {**positive, "cache": cache.start(len(sigmas) - 1, "positive")}
+            negative = None if negative is None else {**negative, "cache": cache.start(len(sigmas) - 1, "negative")}
         options = None
         if self.transformer_options is not None:
             options = {**self.transformer_options, "sample_sigmas": sigmas.to(noise.device, torch.float32)}
@@ -313,6 +328,23 @@ def _guides(schedule, shape, end_latent, keyframes):
                              f"0..{len(schedule) - 1}.")
         check_latent("end_latent" if latent is end_latent else f"keyframe {index}", latent, like=shape)
     return guides
+
+
+def _check_guide(guide, schedule, shape, denoise, extend_latents):
+    if guide is None:
+        if denoise != 1.0:
+            raise ValueError(f"denoise={denoise} needs guide latents (a video to follow); without them use 1.")
+        return
+    _check_latent("guide_latents", guide, frames=None, like=shape)
+    if extend_latents is not None:
+        raise ValueError("guide_latents and extend_latents cannot be combined: guide a new video, or extend one.")
+    needed = 1 + len(schedule) * schedule.window
+    if guide.shape[2] < needed:
+        raise ValueError(f"guide_latents hold {guide.shape[2]} latent frames ({4 * guide.shape[2] - 3} video frames) "
+                         f"but this video needs {needed} ({4 * needed - 3} frames): load a longer guide video or "
+                         "make the video shorter (fewer seconds or sections).")
+    if not 0.0 <= denoise <= 1.0:
+        raise ValueError(f"denoise must be in [0, 1], got {denoise!r}.")
 
 
 def _check_timed_prompts(timed):

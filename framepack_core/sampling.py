@@ -51,6 +51,28 @@ def sigma_schedule(steps, token_count=None, shift=None):
     return e_mu / (e_mu + (1.0 / t - 1.0))  # t = 0 gives 1/0 = inf and hence sigma = 0 exactly
 
 
+def denoised_steps(steps, denoise):
+    """How many of ``steps`` a re-noised start (video-to-video) samples: round(steps * denoise)."""
+    if not 0.0 <= denoise <= 1.0:
+        raise ValueError(f"denoise must be in [0, 1] (1: from pure noise, 0: keep the guide), got {denoise!r}")
+    return round(steps * denoise)
+
+
+def truncate_sigmas(sigmas, denoise):
+    """The tail of a schedule that a start re-noised at strength ``denoise`` samples.
+
+    Of n = len(sigmas) - 1 steps the last ``denoised_steps(n, denoise)`` remain: the start is noised to
+    the first remaining sigma and sampled from there on the unchanged schedule. 1 keeps every sigma; a
+    strength that rounds to 0 steps leaves only the final sigma (nothing to sample).
+    """
+    return sigmas[len(sigmas) - 1 - denoised_steps(len(sigmas) - 1, denoise):]
+
+
+def noise_to_sigma(clean, noise, sigma):
+    """The flow-matching point between ``clean`` (sigma 0) and ``noise`` (sigma 1)."""
+    return (1.0 - sigma) * clean + sigma * noise
+
+
 def make_flow_denoiser(model, positive, negative=None, cfg_scale=1.0, cfg_rescale=0.0,
                        dtype=torch.float32, t_scale=1000.0, transformer_options=None, batch_cfg=False):
     """Wrap a velocity model as ``denoise(x, sigma_vec) -> x0`` with classifier-free guidance.

@@ -14,7 +14,7 @@ from ..framepack_core.cache import FRAMEPACK_MAG_RATIOS, MagCache, TeaCache, loa
 from ..framepack_core.checks import check_image_embeddings, check_latent, check_prompt
 from ..framepack_core.model import section_memory_bytes
 from ..framepack_core.pipeline import Prompt, SamplingSettings, TimedPrompt, generate
-from ..framepack_core.sampling import SAMPLERS
+from ..framepack_core.sampling import SAMPLERS, denoised_steps
 from .resume import model_identity, resume_store
 
 # MagCache calibrations (JSON) live in models/framepack_magcache/ (more folders via extra_model_paths.yaml)
@@ -123,13 +123,19 @@ class FramePackSampler:
                        "output/framepack_resume/, so queueing the same generation again after a cancel, an "
                        "out-of-memory error or a crash continues after the last finished section (the same "
                        "video as an uninterrupted run). The state is deleted when the video is done."}),
+            "guide_latent": ("LATENT", {"tooltip": "Video-to-video: VAEEncode of a guide video (bucketed to the "
+                             "start image's size, at least as long as the output). Each section starts from its "
+                             "part of it, re-noised by denoise, so its motion and layout carry over."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "With "
+                        "guide_latent: the share of steps re-done (1: ignore the guide, like no guide; about "
+                        "0.6-0.8 keeps the motion, lower stays closer to the guide)."}),
         }}
 
     def sample(self, model, positive, negative, start_image_embeds, start_latent, schedule, steps, seed,
                distilled_guidance, cfg, cfg_rescale, shift, sampler, teacache, end_image_embeds=None,
                end_latent=None, keyframes=None, timed_prompts=None, extend_latent=None, cache="teacache",
                magcache_calibration=BUILTIN_RATIOS, magcache_threshold=0.1, magcache_max_skips=2,
-               magcache_retention=0.25, cfg_batch="auto", resume=True):
+               magcache_retention=0.25, cfg_batch="auto", resume=True, guide_latent=None, denoise=1.0):
         unloaded = model.get_model_object("diffusion_model")
         config, fmt = unloaded.config, model.model.latent_format
         plan = schedule.build(config.clean_kernels)
@@ -151,7 +157,11 @@ class FramePackSampler:
             keyframes={k: v * scale for k, v in (keyframes or {}).items()},
             timed_prompts=[TimedPrompt(prompt_from_conditioning(c, "timed", config), a, b)
                            for c, a, b in (timed_prompts or [])],
-            extend_latents=extend)
+            extend_latents=extend,
+            guide_latents=None if guide_latent is None else video_latent(guide_latent, "guide_latent", scale, config))
+        if inputs["guide_latents"] is None and denoise != 1.0:
+            raise ValueError(f"denoise is {denoise} but no guide_latent is connected: connect a guide video's "
+                             "VAEEncode, or set denoise to 1.")
         height, width = start.shape[-2:]
         tokens = plan.token_budget(height, width).total_tokens
         memory = lambda batch: section_memory_bytes(config, tokens, unloaded.compute_dtype, batch=batch)  # noqa: E731
@@ -160,8 +170,9 @@ class FramePackSampler:
         batched = cfg != 1.0 and choose_cfg_batch(cfg_batch, mm.get_free_memory(model.load_device), memory(2))
         settings = SamplingSettings(steps=steps, seed=seed, distilled_guidance=distilled_guidance, cfg=cfg,
                                     cfg_rescale=cfg_rescale, shift=shift or None, sampler=sampler, cache=step_cache,
-                                    cfg_batch=batched, dtype=transformer.compute_dtype)
-        total = len(plan) * steps
+                                    cfg_batch=batched, dtype=transformer.compute_dtype, denoise=denoise)
+        section_steps = steps if inputs["guide_latents"] is None else max(denoised_steps(steps, denoise), 1)
+        total = len(plan) * section_steps
         pbar = comfy.utils.ProgressBar(total)
         previewer = latent_preview.get_previewer(model.load_device, fmt)
 
