@@ -18,6 +18,7 @@ from .checks import (NonFiniteError, StepCheck, check_image_embeddings, check_la
                      diagnose)
 from .decode import section_ranges
 from .resume import STATE_FORMAT, Fingerprint, GenerationState, weights_digest
+from .prompts import section_prompts
 from .sampling import make_flow_denoiser, noise_to_sigma, sample, sigma_schedule, truncate_sigmas
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,13 @@ class Prompt:
 
 @dataclass(frozen=True)
 class TimedPrompt:
-    """A prompt for the sections that start within [start, end) seconds of the video."""
+    """A prompt for the sections that start within [start, end) seconds of the video; the change to and from
+    it is blended over ``blend_sections`` sections (see prompts.py)."""
 
     prompt: Prompt
     start: float
     end: float
+    blend_sections: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,8 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
         section) to the end's (last section).
     keyframes: {video section index: latent (1, C, 1, H, W)} (inverted mode): the section is sampled with
         the keyframe as the frame right after its window, so it leads into that image.
-    timed_prompts: ``TimedPrompt``s; a section whose start time falls in a range uses that prompt.
+    timed_prompts: ``TimedPrompt``s; a section whose start time falls in a range uses that prompt
+        (blended with its neighbour over ``blend_sections`` sections, see ``prompts.section_prompts``).
     extend_latents: (1, C, T, H, W) video to continue. Forward mode keeps it as history (start_latent
         defaults to its first frame); inverted mode starts from its last frame and appends after it.
     guide_latents: (1, C, T, H, W) a video to follow (video-to-video), frame 0 aligned with the start
@@ -154,6 +158,8 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
         state = resume_from(fingerprint) if callable(resume_from) else resume_from
         if state is not None:
             history, done = _resume(state, fingerprint, schedule, history, generator)
+    in_time_order = sorted(schedule, key=lambda s: s.video_index)
+    prompts = section_prompts([max(4 * s.first_video_frame - 3, 0) / fps for s in in_time_order], timed, prompt)
     for position, section in enumerate(schedule):
         if position < done:
             continue
@@ -162,9 +168,7 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
         noise = torch.randn((1, shape[1], window, shape[3], shape[4]), generator=generator)
         context = section.gather(start_latent.float(), history, guide=guides.get(section.video_index))
         embeds = _section_embeddings(image_embeddings, end_image_embeddings, section.video_index, n)
-        seconds = max(4 * section.first_video_frame - 3, 0) / fps
-        active = next((t.prompt for t in timed if t.start <= seconds < t.end), prompt)
-        positive = _model_inputs(active, embeds, context, settings, device)
+        positive = _model_inputs(prompts[section.video_index], embeds, context, settings, device)
         neg = None if negative is None else _model_inputs(negative, embeds, context, settings, device)
 
         where = f"section {position + 1} of {n} (video section {section.video_index})"
@@ -352,6 +356,8 @@ def _check_timed_prompts(timed):
     for t in timed:
         if not 0 <= t.start < t.end:
             raise ValueError(f"A timed prompt's range must satisfy 0 <= start < end, got [{t.start}, {t.end}).")
+        if isinstance(t.blend_sections, bool) or not isinstance(t.blend_sections, int) or t.blend_sections < 0:
+            raise ValueError(f"A timed prompt's blend_sections must be an integer >= 0, got {t.blend_sections!r}.")
     for a, b in zip(timed, timed[1:]):
         if b.start < a.end:
             raise ValueError(f"Timed prompt ranges overlap: [{a.start}, {a.end}) and [{b.start}, {b.end}).")

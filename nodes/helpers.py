@@ -76,9 +76,12 @@ class FramePackTimedPrompt:
                                       "tooltip": "Range end (exclusive)."}),
         }, "optional": {
             "timed_prompts": ("FRAMEPACK_PROMPTS", {"tooltip": "Prompts to add this one to."}),
+            "blend_sections": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "Blend into this prompt (and "
+                               "back out of it, when the sampler's prompt follows) over this many sections instead "
+                               "of switching at once; 0 switches abruptly."}),
         }}
 
-    def add(self, conditioning, start_seconds, end_seconds, timed_prompts=None):
+    def add(self, conditioning, start_seconds, end_seconds, timed_prompts=None, blend_sections=0):
         if not start_seconds < end_seconds:
             raise ValueError(f"end_seconds ({end_seconds}) must be after start_seconds ({start_seconds}).")
-        return (list(timed_prompts or []) + [(conditioning, start_seconds, end_seconds)],)
+        return (list(timed_prompts or []) + [(conditioning, start_seconds, end_seconds, blend_sections)],)

@@ -155,8 +155,8 @@ class FramePackSampler:
             end_latent=None if end_latent is None else video_latent(end_latent, "end_latent", scale, config, frames=1),
             end_image_embeddings=None if end_image_embeds is None else image_embeddings(end_image_embeds, "end", config),
             keyframes={k: v * scale for k, v in (keyframes or {}).items()},
-            timed_prompts=[TimedPrompt(prompt_from_conditioning(c, "timed", config), a, b)
-                           for c, a, b in (timed_prompts or [])],
+            timed_prompts=[TimedPrompt(prompt_from_conditioning(c, "timed", config), a, b, *blend)
+                           for c, a, b, *blend in (timed_prompts or [])],
             extend_latents=extend,
             guide_latents=None if guide_latent is None else video_latent(guide_latent, "guide_latent", scale, config))
         if inputs["guide_latents"] is None and denoise != 1.0:
