@@ -63,7 +63,8 @@ def comfy(tmp_path_factory):
 
     assert Path(nodes.__file__).resolve().parent == COMFYUI, f"`nodes` resolved to {nodes.__file__}, not ComfyUI's"
     models = tmp_path_factory.mktemp("models")
-    for kind in ("diffusion_models", "diffusers", "vae", "text_encoders", "clip_vision", "loras", "upscale_models"):
+    for kind in ("diffusion_models", "diffusers", "vae", "text_encoders", "clip_vision", "loras", "upscale_models",
+                 "checkpoints", "controlnet"):
         (models / kind).mkdir()
         folder_paths.add_model_folder_path(kind, str(models / kind), is_default=True)
     folder_paths.set_output_directory(str(tmp_path_factory.mktemp("output")))

@@ -24,10 +24,13 @@ MODEL_FILES = {
     "clip_vision": ["sigclip_vision_patch14_384.safetensors"],
     "vae": ["hunyuan_video_vae_bf16.safetensors"],
     "upscale_models": ["RealESRGAN_x2plus.pth"],
+    "checkpoints": ["v1-5-pruned-emaonly-fp16.safetensors"],
+    "controlnet": ["control_v11p_sd15_openpose_fp16.safetensors"],
 }
-INPUT_FILES = ["example.png", "end_frame.png", "keyframe_1.png", "keyframe_2.png", "input_video.mp4"]
+INPUT_FILES = ["example.png", "end_frame.png", "keyframe_1.png", "keyframe_2.png", "input_video.mp4", "pose.png",
+               "reference.png", "start_mask.png", "reference_mask.png"]
 EXPECTED_WORKFLOWS = {"image_to_video", "f1_forward", "start_end_frame", "keyframes_timed_prompts",
-                      "extend_video", "upscale"}
+                      "extend_video", "upscale", "single_frame_edit", "video_to_video", "controlnet_start_image"}
 
 
 def load(path):
