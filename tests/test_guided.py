@@ -3,37 +3,25 @@
 import pytest
 import torch
 
-from framepack_core.model import FramePackTransformer
 from framepack_core.packing import make_schedule
-from framepack_core.pipeline import DefaultSectionSampler, Prompt, SamplingSettings, generate
+from framepack_core.pipeline import DefaultSectionSampler, SamplingSettings, generate
 from framepack_core.sampling import noise_to_sigma, sigma_schedule, truncate_sigmas
-from framepack_core.synthetic import TINY, random_state_dict
+from test_pipeline import H, W, inputs, model  # noqa: F401  (the section-loop tests' tiny model and inputs)
 
-H = W = 8
 N, WINDOW = 2, 3
 FRAMES = 1 + N * WINDOW
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = FramePackTransformer(TINY).eval().requires_grad_(False)
-    m.load_state_dict(random_state_dict(TINY, seed=11))
-    return m
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    g = torch.Generator().manual_seed(3)
-    start = torch.randn(1, 16, 1, H, W, generator=g)
-    embeds = torch.randn(1, 9, TINY.image_dim, generator=g)
-    prompt = Prompt(torch.randn(1, 6, TINY.text_dim, generator=g), torch.randn(1, TINY.pooled_dim, generator=g))
-    guide = torch.randn(1, 16, FRAMES + 2, H, W, generator=g)  # longer than needed: the tail is unused
+def guided(inputs):  # noqa: F811
+    start, embeds, prompt, _ = inputs
+    guide = torch.randn(1, 16, FRAMES + 2, H, W, generator=torch.Generator().manual_seed(4))  # the tail is unused
     guide[:, :, :1] = start
     return start, embeds, prompt, guide
 
 
-def run(model, inputs, mode, guide=None, **settings):
-    start, embeds, prompt, _ = inputs
+def run(model, guided, mode, guide=None, **settings):
+    start, embeds, prompt, _ = guided
     settings = SamplingSettings(**{"dtype": torch.float32, "steps": 4, "seed": 9, **settings})
     with torch.no_grad():
         return generate(model, make_schedule(mode, N, window=WINDOW), start, embeds, prompt, None, settings,
@@ -41,13 +29,13 @@ def run(model, inputs, mode, guide=None, **settings):
 
 
 @pytest.mark.parametrize("mode", ["inverted", "forward"])
-def test_denoise_one_is_ordinary_generation(model, inputs, mode):
-    assert torch.equal(run(model, inputs, mode, inputs[3], denoise=1.0), run(model, inputs, mode))
+def test_denoise_one_is_ordinary_generation(model, guided, mode):
+    assert torch.equal(run(model, guided, mode, guided[3], denoise=1.0), run(model, guided, mode))
 
 
 @pytest.mark.parametrize("mode", ["inverted", "forward"])
-def test_each_section_gets_its_own_slice_of_the_guide(inputs, mode):
-    start, embeds, prompt, guide = inputs
+def test_each_section_gets_its_own_slice_of_the_guide(guided, mode):
+    start, embeds, prompt, guide = guided
     given = []
 
     def echo(noise, positive, negative, on_step, interrupt, guide):
@@ -63,15 +51,15 @@ def test_each_section_gets_its_own_slice_of_the_guide(inputs, mode):
 
 
 @pytest.mark.parametrize("mode", ["inverted", "forward"])
-def test_denoise_near_zero_reproduces_the_guide(model, inputs, mode):
-    guide = inputs[3]
+def test_denoise_near_zero_reproduces_the_guide(model, guided, mode):
+    guide = guided[3]
     steps = 100
-    video = run(model, inputs, mode, guide, denoise=0.01, steps=steps)  # one step, at the last sigma
+    video = run(model, guided, mode, guide, denoise=0.01, steps=steps)  # one step, at the last sigma
     sigma = sigma_schedule(steps, token_count=WINDOW * H * W // 4)[-2].item()
     error = (video - guide[:, :, :FRAMES]).abs().max().item()
     assert sigma < 0.02 and error < 10 * sigma
-    assert error < (run(model, inputs, mode, guide, denoise=0.5) - guide[:, :, :FRAMES]).abs().max()  # 2 of 4 steps
-    assert torch.equal(run(model, inputs, mode, guide, denoise=0.0), guide[:, :, :FRAMES])  # 0 steps: the guide
+    assert error < (run(model, guided, mode, guide, denoise=0.5) - guide[:, :, :FRAMES]).abs().max()  # 2 of 4 steps
+    assert torch.equal(run(model, guided, mode, guide, denoise=0.0), guide[:, :, :FRAMES])  # 0 steps: the guide
 
 
 def test_truncation_keeps_the_tail_of_the_schedule():
@@ -83,9 +71,9 @@ def test_truncation_keeps_the_tail_of_the_schedule():
         truncate_sigmas(sigmas, 1.5)
 
 
-def test_the_sampler_runs_the_remaining_sigmas_from_the_renoised_guide(model, inputs):
+def test_the_sampler_runs_the_remaining_sigmas_from_the_renoised_guide(model, guided):
     """The model sees exactly the tail of the section's schedule, starting at (1-s)*guide + s*noise."""
-    _, _, _, guide = inputs
+    _, _, _, guide = guided
     calls = []
 
     def recording(**kwargs):
@@ -95,8 +83,8 @@ def test_the_sampler_runs_the_remaining_sigmas_from_the_renoised_guide(model, in
     settings = SamplingSettings(steps=10, denoise=0.6, sampler="euler", dtype=torch.float32)
     noise = torch.randn(1, 16, WINDOW, H, W, generator=torch.Generator().manual_seed(1))
     part = guide[:, :, 1:1 + WINDOW]
-    embeds, prompt = inputs[1], inputs[2]
-    context = make_schedule("forward", 1, window=WINDOW)[0].gather(inputs[0], torch.zeros(1, 16, 20, H, W))
+    embeds, prompt = guided[1], guided[2]
+    context = make_schedule("forward", 1, window=WINDOW)[0].gather(guided[0], torch.zeros(1, 16, 20, H, W))
     kwargs = dict(encoder_hidden_states=prompt.text, encoder_attention_mask=None, pooled_projections=prompt.pooled,
                   image_embeddings=embeds, guidance=torch.tensor([10000.0]), **context)
     with torch.no_grad():
@@ -107,8 +95,8 @@ def test_the_sampler_runs_the_remaining_sigmas_from_the_renoised_guide(model, in
     assert torch.equal(calls[0][0], noise_to_sigma(part, noise, expected[0]))
 
 
-def test_bad_guides_are_named(model, inputs):
-    start, embeds, prompt, guide = inputs
+def test_bad_guides_are_named(model, guided):
+    start, embeds, prompt, guide = guided
     schedule = make_schedule("inverted", N, window=WINDOW)
     with pytest.raises(ValueError, match="needs 7"):
         generate(model, schedule, start, embeds, prompt, guide_latents=guide[:, :, :5])
