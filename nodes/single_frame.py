@@ -20,6 +20,13 @@ def single_mask(mask, name):
     return mask.reshape(mask.shape[-2:])
 
 
+def one_latent_frame(latent, name, scale):
+    samples = video_latent(latent, name, scale)
+    if samples.shape[2] != 1:
+        raise ValueError(f"{name} has {samples.shape[2]} latent frames; encode a single image.")
+    return samples
+
+
 class FramePackSingleFrame:
     DESCRIPTION = ("Single-frame inference (one-frame / kisekaeichi): samples one frame at a chosen time index "
                    "after the start image, optionally with a reference image at its own index and masks, e.g. to "
@@ -70,12 +77,12 @@ class FramePackSingleFrame:
         transformer = model.model.diffusion_model
         config, fmt = transformer.config, model.model.latent_format
         scale = fmt.scale_factor
-        start = video_latent(start_latent, "start_latent", scale)[:, :, :1]
+        start = one_latent_frame(start_latent, "start_latent", scale)
         if reference_mask is not None and reference_latent is None:
             raise ValueError("reference_mask is connected but reference_latent is not: connect the reference image's "
                              "VAEEncode, or remove the mask.")
         references = [] if reference_latent is None else [Reference(
-            video_latent(reference_latent, "reference_latent", scale)[:, :, :1], reference_index,
+            one_latent_frame(reference_latent, "reference_latent", scale), reference_index,
             single_mask(reference_mask, "reference_mask"))]
         for kernel, wanted in [(2, use_2x), (4, use_4x)]:
             if wanted and kernel not in config.clean_kernels:

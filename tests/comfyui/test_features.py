@@ -53,6 +53,8 @@ def test_single_frame_node_gives_a_latent_that_vae_decode_turns_into_an_image(co
 
     with pytest.raises(ValueError, match="reference_mask is connected but reference_latent is not"):
         single_frame(pack, model, reference_mask=mask)
+    with pytest.raises(ValueError, match="reference_latent has 2 latent frames"):
+        single_frame(pack, model, reference_latent={"samples": torch.zeros(1, 16, 2, H, W)})
     with pytest.raises(ValueError, match="holds 2 masks"):
         single_frame(pack, model, start_mask=mask.repeat(2, 1, 1))
 
