@@ -36,7 +36,7 @@ REAL_WIDTHS = dataclasses.replace(TINY, text_dim=4096, pooled_dim=768, image_dim
 IMAGE_HW = (24, 40)                   # input images (height, width): landscape, so a swapped axis shows
 RESOLUTION, WINDOW, STEPS = 32, 3, 2  # bucket, latent frames per section, steps per section
 BUCKET = nearest_bucket(*IMAGE_HW, RESOLUTION)
-VIDEO_FRAMES = 9                      # input_video.mp4 for the extension workflow: 3 latent frames
+VIDEO_FRAMES = 13                     # input_video.mp4 (extension, video-to-video guide): 4 latent frames
 BROKEN = "broken_download.safetensors"
 NAN_WEIGHT = "one_nan_weight.safetensors"  # a corrupt checkpoint that loads but predicts NaN
 
@@ -83,7 +83,8 @@ def server(comfy, tmp_path_factory):
         save_file(vae, str(models / "vae" / "hunyuan_video_vae_bf16.safetensors"))
     inputs = base / "input"
     inputs.mkdir()
-    for seed, name in enumerate(["example.png", "end_frame.png", "keyframe_1.png", "keyframe_2.png"]):
+    for seed, name in enumerate(["example.png", "end_frame.png", "keyframe_1.png", "keyframe_2.png", "reference.png",
+                                 "start_mask.png", "reference_mask.png"]):
         write_image(inputs / name, seed)
     write_video(inputs / "input_video.mp4", VIDEO_FRAMES)
 
@@ -143,7 +144,7 @@ def prompt_for(server, object_info, name, sections=2, steps=STEPS, seed=None):
             inputs["resolution"] = RESOLUTION
         elif kind == "FramePackSchedule":
             inputs.update(sections=sections, window=WINDOW)
-        elif kind == "FramePackSampler":
+        elif kind in ("FramePackSampler", "FramePackSingleFrame"):
             inputs["steps"] = steps
             if seed is not None:
                 inputs["seed"] = seed
@@ -176,6 +177,7 @@ WORKFLOWS = {
     "start_end_frame": (2, 1 + 2 * WINDOW),
     "keyframes_timed_prompts": (4, 1 + 4 * WINDOW),  # keyframes at sections 1 and 3
     "extend_video": (2, (VIDEO_FRAMES + 3) // 4 + 2 * WINDOW),  # the input video, then 2 new sections
+    "video_to_video": (1, 1 + WINDOW),  # a guide of 4 latent frames covers one section
 }
 
 
@@ -203,6 +205,17 @@ def test_example_workflow_runs_in_the_server(server, object_info, name):
     executed = {e["node"] for e in run.of_type("executing") if e.get("node")}
     cached = {n for e in run.of_type("execution_cached") for n in e["nodes"]}
     assert sampler in executed and node_of(prompt, "FramePackModelLoader") in executed | cached
+
+
+def test_single_frame_workflow_saves_one_image(server, object_info):
+    from PIL import Image
+
+    run = server.run(prompt_for(server, object_info, "single_frame_edit"))
+    assert run.status == "execution_success", (run.error, server.log_tail())
+    images = [server.output_file(entry) for output in server.outputs(run).values() for entry in output.get("images", [])]
+    assert len(images) == 1 and images[0].suffix == ".png"
+    with Image.open(images[0]) as image:
+        assert image.size[::-1] == BUCKET
 
 
 def test_interrupt_mid_run_then_the_next_run_completes(server, object_info):
