@@ -2,7 +2,7 @@
 
 EXPECTED = {"FramePackModelLoader", "FramePackSchedule", "FramePackSampler", "FramePackDecode",
             "FramePackDecodeToVideo", "FramePackResolutionBucket", "FramePackKeyframe", "FramePackTimedPrompt",
-            "FramePackLoraLoader", "FramePackMagCacheCalibrate"}
+            "FramePackLoraLoader", "FramePackMagCacheCalibrate", "FramePackSingleFrame"}
 
 
 def test_pack_registers_its_nodes(comfy):

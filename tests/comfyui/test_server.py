@@ -124,7 +124,7 @@ def test_pack_nodes_load_in_the_server(server, object_info):
     assert "IMPORT FAILED" not in server.log(), server.log_tail()
     for node in ("FramePackModelLoader", "FramePackSampler", "FramePackSchedule", "FramePackDecode",
                  "FramePackDecodeToVideo", "FramePackResolutionBucket", "FramePackKeyframe", "FramePackTimedPrompt",
-                 "FramePackLoraLoader"):
+                 "FramePackLoraLoader", "FramePackSingleFrame"):
         assert object_info[node]["category"] == "FramePack"
 
 
