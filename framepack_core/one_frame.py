@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from .packing import Level
-from .pipeline import DefaultSectionSampler, SamplingSettings, _check_embeddings, _check_latent, _device, _model_inputs
+from .checks import check_image_embeddings, check_latent, check_prompt, check_settings
+from .pipeline import DefaultSectionSampler, SamplingSettings, _device, _model_inputs
 
 POST_OFFSET, COUNT_2X, COUNT_4X = 1, 2, 16
 
@@ -97,7 +98,7 @@ def latent_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def one_frame_context(layout: OneFrameLayout, start_latent: torch.Tensor, references: Sequence[Reference] = (),
                       start_mask: Optional[torch.Tensor] = None) -> dict:
     """The transformer's context kwargs (as ``Section.gather``) for ``layout``; masks already applied."""
-    _check_latent("start_latent", start_latent)
+    check_latent("start_latent", start_latent)
     shape = start_latent.shape
     if len(layout.clean_indices) != 1 + len(references) + layout.post:
         raise ValueError(f"The layout has room for {len(layout.clean_indices) - 1 - layout.post} reference(s) "
@@ -105,7 +106,7 @@ def one_frame_context(layout: OneFrameLayout, start_latent: torch.Tensor, refere
     clean = []
     for name, latent, mask in [("start_latent", start_latent, start_mask),
                                *((f"reference {i}", r.latent, r.mask) for i, r in enumerate(references))]:
-        _check_latent(name, latent, like=shape)
+        check_latent(name, latent, like=shape)
         latent = latent.float()
         clean.append(latent if mask is None else latent * latent_mask(mask, *shape[-2:]))
     zeros = lambda frames: torch.zeros(shape[0], shape[1], frames, *shape[-2:])  # noqa: E731
@@ -133,8 +134,14 @@ def generate_one_frame(model, start_latent, image_embeddings, prompt, negative=N
     ``on_step(step, steps, x0)`` after every sampler step; the other arguments are as in ``generate``.
     """
     layout = one_frame_layout([r.index for r in references], target_index, window, start_index, post, use_2x, use_4x)
+    config = getattr(model, "config", None)
+    check_latent("start_latent", start_latent, config)
     context = one_frame_context(layout, start_latent, references, start_mask)
-    _check_embeddings("image_embeddings", image_embeddings)
+    check_image_embeddings("image_embeddings", image_embeddings, config)
+    check_settings(settings)
+    for name, p in (("prompt", prompt), ("negative", negative)):
+        if p is not None:
+            check_prompt(name, p, config)
     sample_section = sample_section or DefaultSectionSampler(model, settings)
     device = torch.device(device) if device is not None else _device(model)
     shape = start_latent.shape

@@ -339,7 +339,7 @@ def _check_guide(guide, schedule, shape, denoise, extend_latents):
         if denoise != 1.0:
             raise ValueError(f"denoise={denoise} needs guide latents (a video to follow); without them use 1.")
         return
-    _check_latent("guide_latents", guide, frames=None, like=shape)
+    check_latent("guide_latents", guide, frames=None, like=shape)
     if extend_latents is not None:
         raise ValueError("guide_latents and extend_latents cannot be combined: guide a new video, or extend one.")
     needed = 1 + len(schedule) * schedule.window
