@@ -144,6 +144,28 @@ def test_workflow_passes_comfyui_validation(files, path):
     assert {n["class_type"] for n in prompt.values()} & set(files.pack), "uses no FramePack node"
 
 
+SAVED = sorted((Path(__file__).parent / "saved_workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", SAVED, ids=lambda p: p.stem)
+def test_workflows_saved_by_earlier_versions_still_validate(files, path):
+    """Workflows saved with version 0.1.0 of the pack (fewer sampler/timed-prompt widgets) still load: every
+    saved value lands on its old widget, the widgets added since keep their defaults, and ComfyUI accepts it."""
+    workflow = load(path)
+    classes = files.nodes.NODE_CLASS_MAPPINGS
+    check_well_formed(workflow, classes)
+    prompt = to_api(workflow, classes)
+    valid, error, _, node_errors = validate(prompt)
+    assert valid and not node_errors, (error, node_errors)
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "FramePackSampler")
+    inputs = prompt[str(sampler["id"])]["inputs"]
+    assert (inputs["steps"], inputs["seed"], inputs["teacache"]) == (25, 31337, 0.15)  # old values, old places
+    defaults = {name: opts["default"] for name, _, opts in input_specs(classes["FramePackSampler"])
+                if "default" in opts}
+    for name in ("cache", "cfg_batch", "resume", "denoise"):
+        assert inputs[name] == defaults[name]
+
+
 def test_workflows_use_only_documented_files():
     readme = (ROOT / "README.md").read_text()
     names = {n for names in MODEL_FILES.values() for n in names}

@@ -5,8 +5,9 @@ the frontend turns a graph into an API prompt ({node id: {"class_type", "inputs"
 ComfyUI has no Python version of that conversion, so ``to_api`` does what the frontend does: widget
 values are assigned, in order, to the node's widget inputs (required, then optional, as the node
 definition lists them), skipping the values of the frontend-only widgets (the control_after_generate
-combo after a seed, the upload button after an image/video file), and linked inputs become
-[source node id, output slot].
+combo after a seed, the upload button after an image/video file), widgets a workflow saved by an older
+version of a node has no value for keep their defaults, and linked inputs become [source node id, output
+slot].
 
 Node definitions come either from node classes (in-process) or from a server's ``/object_info`` (as the
 frontend gets them), through the two ``specs_from_*`` functions.
@@ -60,7 +61,10 @@ def to_api(workflow, specs):
         for name, kind, options in specs(node["type"]):
             if not is_widget(kind, options):
                 continue
-            assert values, f"node {node['id']} ({node['type']}): no widget value left for {name!r}"
+            if not values:  # a workflow saved before this widget existed: the frontend keeps its default
+                assert "default" in options, f"node {node['id']} ({node['type']}): no widget value left for {name!r}"
+                inputs[name] = options["default"]
+                continue
             inputs[name] = values.pop(0)
             if options.get("control_after_generate"):
                 control = values.pop(0) if values else None
