@@ -31,26 +31,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .packing import MODES
+from .packing import MODES, check_mode_window, overlap_frames, pixel_frames, section_ranges  # noqa: F401 (re-exported)
 
-Range = Tuple[int, int]
-
-
-def pixel_frames(latent_frames: int) -> int:
-    """Pixel frames the VAE makes from ``latent_frames`` latent frames (4t-3)."""
-    return 4 * latent_frames - 3
-
-
-def overlap_frames(window: int) -> int:
-    """Pixel frames over which neighbouring clips cross-fade."""
-    return 4 * window - 3
-
-
-def _check_mode_window(mode: str, window: int) -> None:
-    if mode not in MODES:
-        raise ValueError(f"Unknown decode mode {mode!r}; expected one of {', '.join(MODES)}.")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be an integer >= 1, got {window!r}.")
+Range = Tuple[int, int]  # (start, stop) latent frames of a section, temporal order
 
 
 def _check_sections(mode: str, sections: Sequence[Range]) -> List[Range]:
@@ -77,28 +60,6 @@ def _check_sections(mode: str, sections: Sequence[Range]) -> List[Range]:
     return ranges
 
 
-def section_ranges(mode: str, frames: int, window: int) -> List[Range]:
-    """Sections tiling a video of ``frames`` latent frames, in temporal order, for ``decode_clips``.
-
-    Sections are ``window`` frames long, counted from the end; the first takes what is left (one to two
-    windows, plus the start latent in inverted mode), so every decode clip stays bounded however the video
-    was made. For a sampled video this is exactly where its sections lie: inverted [(0, window+1),
-    (window+1, 2*window+1), ...], forward [(1, window+1), ...] (the start latent at frame 0 belongs to no
-    section there). Videos that continue an input video tile the input the same way.
-    """
-    _check_mode_window(mode, window)
-    first = 0 if mode == "inverted" else 1
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames - first < 1:
-        raise ValueError(f"a {mode} video needs at least {first + 1} latent frame(s), got {frames!r}.")
-    smallest_first = window + (mode == "inverted")  # a full window, plus the start latent when inverted
-    ranges, stop = [], frames
-    while stop - window - first >= smallest_first:
-        ranges.append((stop - window, stop))
-        stop -= window
-    ranges.append((first, stop))
-    return ranges[::-1]
-
-
 def decode_clips(mode: str, window: int, sections: Sequence[Range]) -> List[Range]:
     """Latent-frame ranges to decode, one clip per section, in temporal order.
 
@@ -110,7 +71,7 @@ def decode_clips(mode: str, window: int, sections: Sequence[Range]) -> List[Rang
     of the later frames it was sampled next to); the temporally last decodes [start, stop).
     forward: the first section decodes [0, stop) (with the start latent); later ones [stop - 2*window, stop).
     """
-    _check_mode_window(mode, window)
+    check_mode_window(mode, window)
     ranges = _check_sections(mode, sections)
     total = ranges[-1][1]
     last = len(ranges) - 1

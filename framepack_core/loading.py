@@ -61,10 +61,6 @@ LOOKALIKES = (
     (("model.layers.0.self_attn.q_proj.weight",), "a language model (text encoder)", USE_FRAMEPACK),
 )
 LORA_KEY = re.compile(r"(^|[._])lora_(A|B|up|down)[._]")
-DTYPES = {
-    "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-    "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
-}
 SAFETENSORS_DTYPES = FLOAT_DTYPES
 MAX_CONFIG_BYTES = 1_000_000  # a diffusers config.json or shard index is a few kB
 

@@ -15,9 +15,7 @@ from torch import nn
 
 from .attention import attention, check_backend
 from .ops import TorchOps
-
-# kernel of each clean-latent embedder, by its name under ``clean_x_embedder``
-CLEAN_EMBEDDERS = {1: ("proj", (1, 2, 2)), 2: ("proj_2x", (2, 4, 4)), 4: ("proj_4x", (4, 8, 8))}
+from .packing import CLEAN_EMBEDDERS
 
 
 @dataclass(frozen=True)

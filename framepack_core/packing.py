@@ -48,9 +48,55 @@ from typing import Iterator, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 MODES = ("inverted", "forward")
+
+
+# --- the frame rule and section tiling (decode.py and the nodes use these) ---------------------------
+
+
+def pixel_frames(latent_frames: int) -> int:
+    """Pixel frames the VAE makes from ``latent_frames`` latent frames (4t-3)."""
+    return 4 * latent_frames - 3
+
+
+def overlap_frames(window: int) -> int:
+    """Pixel frames over which neighbouring clips cross-fade."""
+    return 4 * window - 3
+
+
+def check_mode_window(mode: str, window: int) -> None:
+    if mode not in MODES:
+        raise ValueError(f"Unknown decode mode {mode!r}; expected one of {', '.join(MODES)}.")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1, got {window!r}.")
+
+
+def section_ranges(mode: str, frames: int, window: int) -> list:
+    """Sections tiling a video of ``frames`` latent frames, in temporal order, for ``decode_clips``.
+
+    Sections are ``window`` frames long, counted from the end; the first takes what is left (one to two
+    windows, plus the start latent in inverted mode), so every decode clip stays bounded however the video
+    was made. For a sampled video this is exactly where its sections lie: inverted [(0, window+1),
+    (window+1, 2*window+1), ...], forward [(1, window+1), ...] (the start latent at frame 0 belongs to no
+    section there). Videos that continue an input video tile the input the same way.
+    """
+    check_mode_window(mode, window)
+    first = 0 if mode == "inverted" else 1
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames - first < 1:
+        raise ValueError(f"a {mode} video needs at least {first + 1} latent frame(s), got {frames!r}.")
+    smallest_first = window + (mode == "inverted")  # a full window, plus the start latent when inverted
+    ranges, stop = [], frames
+    while stop - window - first >= smallest_first:
+        ranges.append((stop - window, stop))
+        stop -= window
+    ranges.append((first, stop))
+    return ranges[::-1]
+
+
 KERNELS = (1, 2, 4)
 DEFAULT_COUNTS = (1, 2, 16)
-EMBEDDER_NAMES = {1: "clean_x_embedder.proj", 2: "clean_x_embedder.proj_2x", 4: "clean_x_embedder.proj_4x"}
+# each kernel's clean-latent embedder: its name under ``clean_x_embedder`` and its patch size (t, h, w)
+CLEAN_EMBEDDERS = {1: ("proj", (1, 2, 2)), 2: ("proj_2x", (2, 4, 4)), 4: ("proj_4x", (4, 8, 8))}
+EMBEDDER_NAMES = {k: f"clean_x_embedder.{name}" for k, (name, _) in CLEAN_EMBEDDERS.items()}
 
 Counts = Union[Sequence[int], Mapping[int, int]]
 

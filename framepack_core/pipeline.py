@@ -16,9 +16,9 @@ import torch
 from .cache import TeaCache
 from .checks import (NonFiniteError, StepCheck, check_image_embeddings, check_latent, check_prompt, check_settings,
                      diagnose)
-from .decode import section_ranges
-from .resume import STATE_FORMAT, Fingerprint, GenerationState, weights_digest
+from .packing import pixel_frames, section_ranges
 from .prompts import section_prompts
+from .resume import STATE_FORMAT, Fingerprint, GenerationState, weights_digest
 from .sampling import make_flow_denoiser, noise_to_sigma, sample, sigma_schedule, truncate_sigmas
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
         if state is not None:
             history, done = _resume(state, fingerprint, schedule, history, generator)
     in_time_order = sorted(schedule, key=lambda s: s.video_index)
-    prompts = section_prompts([max(4 * s.first_video_frame - 3, 0) / fps for s in in_time_order], timed, prompt)
+    prompts = section_prompts([max(pixel_frames(s.first_video_frame), 0) / fps for s in in_time_order], timed, prompt)
     for position, section in enumerate(schedule):
         if position < done:
             continue
@@ -344,8 +344,8 @@ def _check_guide(guide, schedule, shape, denoise, extend_latents):
         raise ValueError("guide_latents and extend_latents cannot be combined: guide a new video, or extend one.")
     needed = 1 + len(schedule) * schedule.window
     if guide.shape[2] < needed:
-        raise ValueError(f"guide_latents hold {guide.shape[2]} latent frames ({4 * guide.shape[2] - 3} video frames) "
-                         f"but this video needs {needed} ({4 * needed - 3} frames): load a longer guide video or "
+        raise ValueError(f"guide_latents hold {guide.shape[2]} latent frames ({pixel_frames(guide.shape[2])} video frames) "
+                         f"but this video needs {needed} ({pixel_frames(needed)} frames): load a longer guide video or "
                          "make the video shorter (fewer seconds or sections).")
     if not 0.0 <= denoise <= 1.0:
         raise ValueError(f"denoise must be in [0, 1], got {denoise!r}.")
