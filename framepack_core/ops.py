@@ -47,10 +47,5 @@ class CastOps:
             return F.rms_norm(x, self.normalized_shape, _cast(self.weight, x), self.eps)
 
 
-def pick_operations(storage_dtype, compute_dtype):
-    """Plain layers when weights are stored in the compute dtype, casting layers otherwise."""
-    return TorchOps if storage_dtype == compute_dtype else CastOps
-
-
 def is_fp8(dtype):
     return dtype in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None))
