@@ -1,4 +1,10 @@
-"""ComfyUI nodes of the FramePack pack. Thin glue: all math lives in ``framepack_core``."""
+"""ComfyUI nodes of the FramePack pack, on ComfyUI's V3 schema. Thin glue: all math lives in ``framepack_core``.
+
+ComfyUI's loader (0.3.64 and 0.38.x alike) registers a pack through ``NODE_CLASS_MAPPINGS`` when it has
+them and only otherwise calls ``comfy_entrypoint``, so offering both never registers a node twice.
+"""
+
+from comfy_api.latest import ComfyExtension
 
 from .decode import FramePackDecode, FramePackDecodeToVideo
 from .helpers import FramePackKeyframe, FramePackResolutionBucket, FramePackTimedPrompt
@@ -9,30 +15,20 @@ from .sampler import FramePackSampler
 from .schedule import FramePackSchedule
 from .single_frame import FramePackSingleFrame
 
-NODE_CLASS_MAPPINGS = {
-    "FramePackModelLoader": FramePackModelLoader,
-    "FramePackLoraLoader": FramePackLoraLoader,
-    "FramePackSchedule": FramePackSchedule,
-    "FramePackSampler": FramePackSampler,
-    "FramePackMagCacheCalibrate": FramePackMagCacheCalibrate,
-    "FramePackDecode": FramePackDecode,
-    "FramePackDecodeToVideo": FramePackDecodeToVideo,
-    "FramePackResolutionBucket": FramePackResolutionBucket,
-    "FramePackKeyframe": FramePackKeyframe,
-    "FramePackTimedPrompt": FramePackTimedPrompt,
-    "FramePackSingleFrame": FramePackSingleFrame,
-}
+NODES = [
+    FramePackModelLoader, FramePackLoraLoader, FramePackSchedule, FramePackSampler, FramePackMagCacheCalibrate,
+    FramePackDecode, FramePackDecodeToVideo, FramePackResolutionBucket, FramePackKeyframe, FramePackTimedPrompt,
+    FramePackSingleFrame,
+]
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "FramePackModelLoader": "FramePack Model Loader",
-    "FramePackLoraLoader": "FramePack LoRA Loader",
-    "FramePackSchedule": "FramePack Schedule",
-    "FramePackSampler": "FramePack Sampler",
-    "FramePackMagCacheCalibrate": "FramePack MagCache Calibrate",
-    "FramePackDecode": "FramePack Decode",
-    "FramePackDecodeToVideo": "FramePack Decode To Video",
-    "FramePackResolutionBucket": "FramePack Resolution Bucket",
-    "FramePackKeyframe": "FramePack Keyframe",
-    "FramePackTimedPrompt": "FramePack Timed Prompt",
-    "FramePackSingleFrame": "FramePack Single Frame",
-}
+NODE_CLASS_MAPPINGS = {node.GET_SCHEMA().node_id: node for node in NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {node.GET_SCHEMA().node_id: node.GET_SCHEMA().display_name for node in NODES}
+
+
+class FramePackExtension(ComfyExtension):
+    async def get_node_list(self):
+        return list(NODES)
+
+
+async def comfy_entrypoint():
+    return FramePackExtension()

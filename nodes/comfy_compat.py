@@ -9,6 +9,7 @@ the README lists them under "Supported ComfyUI versions".
 import comfy.model_patcher
 import comfy.ops
 import comfy.utils
+from comfy_api.latest import io
 
 # comfy_quant checkpoints and comfy.ops.mixed_precision_ops arrived with Comfy-Org/ComfyUI PR #10498
 # (merged late October 2025), first released in this version
@@ -56,3 +57,19 @@ def quantized_operations(quant, compute_dtype, load_device, fp8_optimizations=Fa
         return comfy.utils.convert_old_quants(state, "", metadata={})[0]
 
     return operations, convert_state if quant.format == "scaled_fp8" else None
+
+
+def check_combos(node, **values):
+    """A V3 node's ``validate_inputs`` for its combo widgets: True, or what is wrong.
+
+    0.3.64 (tested; execution.py ``validate_inputs``) checks a V1 node's list values when a prompt is
+    queued but not a V3 node's COMBO values, so a mistyped choice would only fail mid-run. 0.38.x (read:
+    execution.py ``validate_inputs``) checks COMBO options itself, and skips the inputs a node's
+    ``validate_inputs`` names, which this check then covers. Linked inputs (values not known yet) and unset optional
+    ones are None and pass.
+    """
+    options = {i.id: i.options for i in node.define_schema().inputs if isinstance(i, io.Combo.Input)}
+    for name, value in values.items():
+        if value is not None and value not in options[name]:
+            return f"Value not in list: {name}: {value!r} not in {options[name]}"
+    return True

@@ -1,10 +1,12 @@
 """Section-wise VAE decoding nodes: to an IMAGE batch, or streamed straight into an mp4 file."""
 
+import logging
 import os
 
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
+from comfy_api.latest import io
 
 from ..framepack_core.decode import TensorSink, VideoFileSink, decode_sections, section_ranges
 
@@ -30,52 +32,61 @@ def decode_with_vae(vae, samples, mode, window, sections, sink):
     return decode_sections(samples, mode, window, sections, vae.decode, sink=sink, progress=progress)
 
 
-DECODE_INPUTS = {
-    "samples": ("LATENT", {"tooltip": "Video latents from FramePack Sampler."}),
-    "vae": ("VAE", {"tooltip": "The HunyuanVideo VAE (hunyuan_video_vae_bf16)."}),
-}
-WINDOW_INPUT = ("INT", {"default": 9, "min": 1, "max": 33, "tooltip": "Only for latents without section "
-                        "boundaries (not straight from FramePack Sampler): decode in clips of this many latent "
-                        "frames, cross-faded."})
+def decode_inputs():
+    return [
+        io.Latent.Input("samples", tooltip="Video latents from FramePack Sampler."),
+        io.Vae.Input("vae", tooltip="The HunyuanVideo VAE (hunyuan_video_vae_bf16)."),
+    ]
 
 
-class FramePackDecode:
-    DESCRIPTION = ("Decodes FramePack video latents section by section with the original's overlapping "
-                   "cross-fade, so VAE memory stays that of one section however long the video.")
-    CATEGORY = "FramePack"
-    RETURN_TYPES = ("IMAGE",)
-    OUTPUT_TOOLTIPS = ("All frames of the video as an image batch.",)
-    FUNCTION = "decode"
+def window_input():
+    return io.Int.Input("window", optional=True, default=9, min=1, max=33, tooltip="Only for latents without "
+                        "section boundaries (not straight from FramePack Sampler): decode in clips of this many "
+                        "latent frames, cross-faded.")
+
+
+class FramePackDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FramePackDecode",
+            display_name="FramePack Decode",
+            category="FramePack",
+            description=("Decodes FramePack video latents section by section with the original's overlapping "
+                         "cross-fade, so VAE memory stays that of one section however long the video."),
+            inputs=[*decode_inputs(), window_input()],
+            outputs=[io.Image.Output(tooltip="All frames of the video as an image batch.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": dict(DECODE_INPUTS), "optional": {"window": WINDOW_INPUT}}
-
-    def decode(self, samples, vae, window=9):
+    def execute(cls, samples, vae, window=9):
         samples, mode, window, sections = sections_of(samples, window)
-        return (decode_with_vae(vae, samples, mode, window, sections, TensorSink()),)
+        return io.NodeOutput(decode_with_vae(vae, samples, mode, window, sections, TensorSink()))
 
 
-class FramePackDecodeToVideo:
-    DESCRIPTION = ("Decodes FramePack video latents section by section and writes each finished chunk of frames "
-                   "straight into an mp4 in the output folder, so a long video never sits in RAM as frames.")
-    CATEGORY = "FramePack"
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
-    OUTPUT_TOOLTIPS = ("Path of the written mp4.",)
-    OUTPUT_NODE = True
-    FUNCTION = "write"
+class FramePackDecodeToVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FramePackDecodeToVideo",
+            display_name="FramePack Decode To Video",
+            category="FramePack",
+            description=("Decodes FramePack video latents section by section and writes each finished chunk of "
+                         "frames straight into an mp4 in the output folder, so a long video never sits in RAM as "
+                         "frames."),
+            inputs=[
+                *decode_inputs(),
+                io.String.Input("filename_prefix", default="FramePack", tooltip="Name prefix under the output folder."),
+                io.Float.Input("fps", default=30.0, min=1.0, max=120.0, tooltip="Frame rate of the file."),
+                io.Int.Input("crf", default=16, min=0, max=51, tooltip="H.264 quality: lower is better, larger."),
+                window_input(),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="Path of the written mp4.")],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            **DECODE_INPUTS,
-            "filename_prefix": ("STRING", {"default": "FramePack", "tooltip": "Name prefix under the output folder."}),
-            "fps": ("FLOAT", {"default": 30.0, "min": 1.0, "max": 120.0, "tooltip": "Frame rate of the file."}),
-            "crf": ("INT", {"default": 16, "min": 0, "max": 51, "tooltip": "H.264 quality: lower is better, larger."}),
-        }, "optional": {"window": WINDOW_INPUT}}
-
-    def write(self, samples, vae, filename_prefix, fps, crf, window=9):
+    def execute(cls, samples, vae, filename_prefix, fps, crf, window=9):
         samples, mode, window, sections = sections_of(samples, window)
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory())
@@ -83,6 +94,6 @@ class FramePackDecodeToVideo:
         with VideoFileSink(os.path.join(folder, file), fps=fps, crf=crf) as sink:
             decode_with_vae(vae, samples, mode, window, sections, sink)
         path, frames = sink.result()
-        print(f"[FramePack] wrote {path} ({frames} frames)")
-        return {"ui": {"images": [{"filename": file, "subfolder": subfolder, "type": "output"}], "animated": (True,)},
-                "result": (str(path),)}
+        logging.info("[FramePack] wrote %s (%d frames)", path, frames)
+        return io.NodeOutput(str(path), ui={"images": [{"filename": file, "subfolder": subfolder, "type": "output"}],
+                                            "animated": (True,)})

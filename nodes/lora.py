@@ -11,8 +11,10 @@ import os
 
 import comfy.lora
 import folder_paths
+from comfy_api.latest import io
 
 from ..framepack_core.lora import FORMATS, convert_lora, describe_keys, read_lora, split_key
+from .comfy_compat import check_combos
 
 
 def lora_choices():
@@ -60,45 +62,54 @@ def apply_lora(model, lora, strength, name="LoRA"):
     return patched, converted, applied, sorted(unmatched)
 
 
-class FramePackLoraLoader:
-    DESCRIPTION = ("Applies a LoRA to a FramePack MODEL. Understands FramePack LoRAs in diffusers/PEFT "
-                   "(transformer.*.lora_A/lora_B) and kohya/musubi-tuner (lora_unet_*) formats, and HunyuanVideo "
-                   "LoRAs in the original layout (double_blocks.*.img_attn_qkv, single_blocks.*.linear1; fused "
-                   "layers are split exactly). Logs how many LoRA modules were applied and names any left out; "
-                   "fails if none fit.")
-    CATEGORY = "FramePack"
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The FramePack model with the LoRA patched in (applied when the model is loaded, "
-                       "low-VRAM partial loading included).",)
-    FUNCTION = "load"
+# path -> (mtime, size, state dict): re-running a workflow does not re-read an unchanged LoRA file
+_cache = {}
 
-    def __init__(self):
-        self.cached = None  # (path, mtime, size, state dict): re-running a workflow does not re-read the file
+
+def read_lora_cached(path):
+    stat = os.stat(path)
+    version = (stat.st_mtime_ns, stat.st_size)
+    if _cache.get(path, (None,))[:2] != version:
+        _cache[path] = (*version, read_lora(path))
+    return _cache[path][2]
+
+
+class FramePackLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FramePackLoraLoader",
+            display_name="FramePack LoRA Loader",
+            category="FramePack",
+            description=("Applies a LoRA to a FramePack MODEL. Understands FramePack LoRAs in diffusers/PEFT "
+                         "(transformer.*.lora_A/lora_B) and kohya/musubi-tuner (lora_unet_*) formats, and HunyuanVideo "
+                         "LoRAs in the original layout (double_blocks.*.img_attn_qkv, single_blocks.*.linear1; fused "
+                         "layers are split exactly). Logs how many LoRA modules were applied and names any left out; "
+                         "fails if none fit."),
+            inputs=[
+                io.Model.Input("model", tooltip="A FramePack model from 'FramePack Model Loader' "
+                               "(or from another LoRA loader)."),
+                io.Combo.Input("lora_name", options=lora_choices(), tooltip="LoRA file (.safetensors) in models/loras: "
+                               "FramePack LoRAs (diffusers, PEFT, musubi-tuner) or HunyuanVideo LoRAs (musubi-tuner, "
+                               "diffusion-pipe, ComfyUI)."),
+                io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.01,
+                               tooltip="How strongly the LoRA changes the model: 1 as trained, 0 off, "
+                               "negative inverts it."),
+            ],
+            outputs=[io.Model.Output(tooltip="The FramePack model with the LoRA patched in (applied when the model is "
+                                     "loaded, low-VRAM partial loading included).")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "A FramePack model from 'FramePack Model Loader' "
-                      "(or from another LoRA loader)."}),
-            "lora_name": (lora_choices(), {"tooltip": "LoRA file (.safetensors) in models/loras: FramePack LoRAs "
-                          "(diffusers, PEFT, musubi-tuner) or HunyuanVideo LoRAs (musubi-tuner, diffusion-pipe, "
-                          "ComfyUI)."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
-                         "tooltip": "How strongly the LoRA changes the model: 1 as trained, 0 off, "
-                         "negative inverts it."}),
-        }}
+    def validate_inputs(cls, lora_name=None):
+        return check_combos(cls, lora_name=lora_name)
 
-    def read(self, path):
-        stat = os.stat(path)
-        if self.cached is None or self.cached[:3] != (path, stat.st_mtime_ns, stat.st_size):
-            self.cached = (path, stat.st_mtime_ns, stat.st_size, read_lora(path))
-        return self.cached[3]
-
-    def load(self, model, lora_name, strength):
+    @classmethod
+    def execute(cls, model, lora_name, strength):
         if not lora_name.endswith(".safetensors"):
             raise ValueError(f"{lora_name}: only .safetensors LoRA files are loaded "
                              "(pickled .pt/.ckpt files can run code).")
         if strength == 0:
-            return (model,)
-        lora = self.read(folder_paths.get_full_path_or_raise("loras", lora_name))
-        return (apply_lora(model, lora, strength, lora_name)[0],)
+            return io.NodeOutput(model)
+        lora = read_lora_cached(folder_paths.get_full_path_or_raise("loras", lora_name))
+        return io.NodeOutput(apply_lora(model, lora, strength, lora_name)[0])

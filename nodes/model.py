@@ -18,6 +18,7 @@ import comfy.patcher_extension
 import comfy.supported_models_base
 import folder_paths
 import torch
+from comfy_api.latest import io
 
 from ..framepack_core.attention import BACKENDS
 from ..framepack_core.loading import (CheckpointError, load_transformer, read_key_shapes, read_quantization,
@@ -114,30 +115,38 @@ def load_framepack(path, weight_dtype="auto", attention="auto"):
     return comfy_compat.model_patcher_class()(model, load_device=load_device, offload_device=offload_device)
 
 
-class FramePackModelLoader:
-    DESCRIPTION = ("Loads a FramePack transformer (FramePackI2V_HY or FramePack_F1_I2V_HY) from "
-                   "models/diffusion_models (single .safetensors, bf16 or fp8) or models/diffusers (sharded folder).")
-    CATEGORY = "FramePack"
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The FramePack transformer, managed by ComfyUI (offloading, low-VRAM partial loading, LoRA).",)
-    FUNCTION = "load"
+class FramePackModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FramePackModelLoader",
+            display_name="FramePack Model Loader",
+            category="FramePack",
+            description=("Loads a FramePack transformer (FramePackI2V_HY or FramePack_F1_I2V_HY) from "
+                         "models/diffusion_models (single .safetensors, bf16 or fp8) or models/diffusers (sharded "
+                         "folder)."),
+            inputs=[
+                io.Combo.Input("model_name", options=model_choices(), tooltip="FramePack transformer weights: a file "
+                               "in models/diffusion_models or a folder in models/diffusers."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="auto", tooltip="Dtype the "
+                               "weights are kept in. auto: as ComfyUI picks for your GPU. fp8 halves memory; "
+                               "fp8_e4m3fn_fast also uses fp8 matrix multiplies on GPUs that support them."),
+                io.Combo.Input("attention", options=list(BACKENDS), default="auto", tooltip="Attention kernel. auto "
+                               "picks sageattention, flash_attn or xformers when installed, else PyTorch SDPA."),
+            ],
+            outputs=[io.Model.Output(tooltip="The FramePack transformer, managed by ComfyUI (offloading, low-VRAM "
+                                     "partial loading, LoRA).")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model_name": (model_choices(), {"tooltip": "FramePack transformer weights: a file in "
-                                             "models/diffusion_models or a folder in models/diffusers."}),
-            "weight_dtype": (list(WEIGHT_DTYPES), {"default": "auto", "tooltip": "Dtype the weights are kept in. "
-                             "auto: as ComfyUI picks for your GPU. fp8 halves memory; fp8_e4m3fn_fast also uses "
-                             "fp8 matrix multiplies on GPUs that support them."}),
-            "attention": (list(BACKENDS), {"default": "auto", "tooltip": "Attention kernel. auto picks "
-                          "sageattention, flash_attn or xformers when installed, else PyTorch SDPA."}),
-        }}
+    def validate_inputs(cls, model_name=None, weight_dtype=None, attention=None):
+        return comfy_compat.check_combos(cls, model_name=model_name, weight_dtype=weight_dtype, attention=attention)
 
-    def load(self, model_name, weight_dtype, attention):
+    @classmethod
+    def execute(cls, model_name, weight_dtype, attention):
         path = resolve_model_path(model_name)
         try:
-            return (load_framepack(path, weight_dtype, attention),)
+            return io.NodeOutput(load_framepack(path, weight_dtype, attention))
         except ValueError as e:  # CheckpointError included; the loader's own messages mostly name the file
             message = str(e)
             named = message.startswith(os.path.basename(os.path.normpath(path)))

@@ -9,13 +9,17 @@ import comfy.patcher_extension
 import comfy.utils
 import folder_paths
 import latent_preview
+from comfy_api.latest import io
 
 from ..framepack_core.cache import FRAMEPACK_MAG_RATIOS, MagCache, TeaCache, load_calibration
 from ..framepack_core.checks import check_image_embeddings, check_latent, check_prompt
 from ..framepack_core.model import section_memory_bytes
 from ..framepack_core.pipeline import Prompt, SamplingSettings, TimedPrompt, generate
 from ..framepack_core.sampling import SAMPLERS, denoised_steps
+from .comfy_compat import check_combos
+from .helpers import Keyframes, TimedPrompts
 from .resume import model_identity, resume_store
+from .schedule import Schedule
 
 # MagCache calibrations (JSON) live in models/framepack_magcache/ (more folders via extra_model_paths.yaml)
 MAGCACHE_FOLDER = "framepack_magcache"
@@ -75,67 +79,81 @@ def patched_model_call(model):
     return model_call, options
 
 
-class FramePackSampler:
-    DESCRIPTION = ("Generates a video section by section with FramePack: the start image conditions every "
-                   "section through packed 1x/2x/4x context, sampled in the schedule's order.")
-    CATEGORY = "FramePack"
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The video latents (start frame first). They carry their section boundaries for "
-                       "FramePack Decode.",)
-    FUNCTION = "sample"
+def sampler_inputs():
+    """FramePack Sampler's inputs, required then optional (FramePack MagCache Calibrate reuses them)."""
+    return [
+        io.Model.Input("model", tooltip="From FramePack Model Loader (FramePackI2V_HY for inverted, F1 for forward)."),
+        io.Conditioning.Input("positive", tooltip="Prompt encoded by CLIPTextEncode with DualCLIPLoader "
+                              "(hunyuan_video)."),
+        io.Conditioning.Input("negative", tooltip="Negative prompt; only used when cfg is not 1."),
+        io.ClipVisionOutput.Input("start_image_embeds", tooltip="CLIPVisionEncode of the start image with "
+                                  "sigclip_vision_patch14_384."),
+        io.Latent.Input("start_latent", tooltip="VAEEncode of the start image (HunyuanVideo VAE)."),
+        Schedule.Input("schedule", tooltip="From FramePack Schedule: length, order and context."),
+        io.Int.Input("steps", default=25, min=1, max=200, tooltip="Sampling steps per section."),
+        io.Int.Input("seed", default=31337, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="One seed for the whole video; the same seed gives the same video."),
+        io.Float.Input("distilled_guidance", default=10.0, min=0.0, max=32.0, step=0.1,
+                       tooltip="Embedded (distilled) guidance scale; 10 is the original's default."),
+        io.Float.Input("cfg", default=1.0, min=1.0, max=32.0, step=0.1, tooltip="Real classifier-free guidance; "
+                       "above 1 it also runs the negative prompt (twice the time)."),
+        io.Float.Input("cfg_rescale", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Rescale guided predictions toward the positive's std (counters burn)."),
+        io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.1, tooltip="Sigma shift; "
+                       "0 derives it from the section's token count, as the original does."),
+        io.Combo.Input("sampler", options=list(SAMPLERS), default="unipc_bh1",
+                       tooltip="unipc_bh1 is the original's sampler."),
+        io.Float.Input("teacache", default=0.15, min=0.0, max=1.0, step=0.01, tooltip="TeaCache threshold: skips "
+                       "steps whose input barely changed. 0.15 about 2x faster, 0.1 about 1.6x; 0 turns it off (best "
+                       "hands and fine detail)."),
+        io.ClipVisionOutput.Input("end_image_embeds", optional=True, tooltip="End image's CLIPVisionEncode: each "
+                                  "section's image embedding moves from the start's to the end's."),
+        io.Latent.Input("end_latent", optional=True, tooltip="End image's VAEEncode (inverted mode): the video leads "
+                        "into it."),
+        Keyframes.Input("keyframes", optional=True, tooltip="From FramePack Keyframe (inverted mode)."),
+        TimedPrompts.Input("timed_prompts", optional=True, tooltip="From FramePack Timed Prompt: prompts per time "
+                           "range."),
+        io.Latent.Input("extend_latent", optional=True, tooltip="A video's latents to continue (VAEEncode of its "
+                        "frames). Forward mode continues after it; inverted starts from its last frame."),
+        *cache_inputs(),
+        io.Boolean.Input("resume", optional=True, default=True, tooltip="Save the generation after every section in "
+                         "output/framepack_resume/, so queueing the same generation again after a cancel, an "
+                         "out-of-memory error or a crash continues after the last finished section (the same video "
+                         "as an uninterrupted run). The state is deleted when the video is done."),
+        io.Latent.Input("guide_latent", optional=True, tooltip="Video-to-video: VAEEncode of a guide video "
+                        "(bucketed to the start image's size, at least as long as the output). Each section starts "
+                        "from its part of it, re-noised by denoise, so its motion and layout carry over."),
+        io.Float.Input("denoise", optional=True, default=1.0, min=0.0, max=1.0, step=0.01, tooltip="With "
+                       "guide_latent: the share of steps re-done (1: ignore the guide, like no guide; about 0.6-0.8 "
+                       "keeps the motion, lower stays closer to the guide)."),
+    ]
+
+
+class FramePackSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FramePackSampler",
+            display_name="FramePack Sampler",
+            category="FramePack",
+            description=("Generates a video section by section with FramePack: the start image conditions every "
+                         "section through packed 1x/2x/4x context, sampled in the schedule's order."),
+            inputs=sampler_inputs(),
+            outputs=[io.Latent.Output(tooltip="The video latents (start frame first). They carry their section "
+                                      "boundaries for FramePack Decode.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "From FramePack Model Loader (FramePackI2V_HY for inverted, F1 for forward)."}),
-            "positive": ("CONDITIONING", {"tooltip": "Prompt encoded by CLIPTextEncode with DualCLIPLoader "
-                         "(hunyuan_video)."}),
-            "negative": ("CONDITIONING", {"tooltip": "Negative prompt; only used when cfg is not 1."}),
-            "start_image_embeds": ("CLIP_VISION_OUTPUT", {"tooltip": "CLIPVisionEncode of the start image with "
-                                   "sigclip_vision_patch14_384."}),
-            "start_latent": ("LATENT", {"tooltip": "VAEEncode of the start image (HunyuanVideo VAE)."}),
-            "schedule": ("FRAMEPACK_SCHEDULE", {"tooltip": "From FramePack Schedule: length, order and context."}),
-            "steps": ("INT", {"default": 25, "min": 1, "max": 200, "tooltip": "Sampling steps per section."}),
-            "seed": ("INT", {"default": 31337, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                             "tooltip": "One seed for the whole video; the same seed gives the same video."}),
-            "distilled_guidance": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 32.0, "step": 0.1,
-                                   "tooltip": "Embedded (distilled) guidance scale; 10 is the original's default."}),
-            "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 32.0, "step": 0.1, "tooltip": "Real "
-                    "classifier-free guidance; above 1 it also runs the negative prompt (twice the time)."}),
-            "cfg_rescale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                            "tooltip": "Rescale guided predictions toward the positive's std (counters burn)."}),
-            "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Sigma shift; "
-                      "0 derives it from the section's token count, as the original does."}),
-            "sampler": (list(SAMPLERS), {"default": "unipc_bh1", "tooltip": "unipc_bh1 is the original's sampler."}),
-            "teacache": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "TeaCache "
-                         "threshold: skips steps whose input barely changed. 0.15 about 2x faster, 0.1 about "
-                         "1.6x; 0 turns it off (best hands and fine detail)."}),
-        }, "optional": {
-            "end_image_embeds": ("CLIP_VISION_OUTPUT", {"tooltip": "End image's CLIPVisionEncode: each section's "
-                                 "image embedding moves from the start's to the end's."}),
-            "end_latent": ("LATENT", {"tooltip": "End image's VAEEncode (inverted mode): the video leads into it."}),
-            "keyframes": ("FRAMEPACK_KEYFRAMES", {"tooltip": "From FramePack Keyframe (inverted mode)."}),
-            "timed_prompts": ("FRAMEPACK_PROMPTS", {"tooltip": "From FramePack Timed Prompt: prompts per time range."}),
-            "extend_latent": ("LATENT", {"tooltip": "A video's latents to continue (VAEEncode of its frames). "
-                              "Forward mode continues after it; inverted starts from its last frame."}),
-            **cache_inputs(),
-            "resume": ("BOOLEAN", {"default": True, "tooltip": "Save the generation after every section in "
-                       "output/framepack_resume/, so queueing the same generation again after a cancel, an "
-                       "out-of-memory error or a crash continues after the last finished section (the same "
-                       "video as an uninterrupted run). The state is deleted when the video is done."}),
-            "guide_latent": ("LATENT", {"tooltip": "Video-to-video: VAEEncode of a guide video (bucketed to the "
-                             "start image's size, at least as long as the output). Each section starts from its "
-                             "part of it, re-noised by denoise, so its motion and layout carry over."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "With "
-                        "guide_latent: the share of steps re-done (1: ignore the guide, like no guide; about "
-                        "0.6-0.8 keeps the motion, lower stays closer to the guide)."}),
-        }}
+    def validate_inputs(cls, sampler=None, cache=None, magcache_calibration=None, cfg_batch=None):
+        return check_combos(cls, sampler=sampler, cache=cache, magcache_calibration=magcache_calibration,
+                            cfg_batch=cfg_batch)
 
-    def sample(self, model, positive, negative, start_image_embeds, start_latent, schedule, steps, seed,
-               distilled_guidance, cfg, cfg_rescale, shift, sampler, teacache, end_image_embeds=None,
-               end_latent=None, keyframes=None, timed_prompts=None, extend_latent=None, cache="teacache",
-               magcache_calibration=BUILTIN_RATIOS, magcache_threshold=0.1, magcache_max_skips=2,
-               magcache_retention=0.25, cfg_batch="auto", resume=True, guide_latent=None, denoise=1.0):
+    @classmethod
+    def execute(cls, model, positive, negative, start_image_embeds, start_latent, schedule, steps, seed,
+                distilled_guidance, cfg, cfg_rescale, shift, sampler, teacache, end_image_embeds=None,
+                end_latent=None, keyframes=None, timed_prompts=None, extend_latent=None, cache="teacache",
+                magcache_calibration=BUILTIN_RATIOS, magcache_threshold=0.1, magcache_max_skips=2,
+                magcache_retention=0.25, cfg_batch="auto", resume=True, guide_latent=None, denoise=1.0):
         unloaded = model.get_model_object("diffusion_model")
         config, fmt = unloaded.config, model.model.latent_format
         plan = schedule.build(config.clean_kernels)
@@ -198,8 +216,8 @@ class FramePackSampler:
             model.cleanup()
         if saved is not None:
             saved.store.delete(result.fingerprint)
-        return ({"samples": result.latents / scale, "framepack_sections": result.sections,
-                 "framepack_mode": result.mode, "framepack_window": result.window},)
+        return io.NodeOutput({"samples": result.latents / scale, "framepack_sections": result.sections,
+                              "framepack_mode": result.mode, "framepack_window": result.window})
 
 
 def magcache_files():
@@ -208,24 +226,24 @@ def magcache_files():
 
 def cache_inputs():
     """The sampler's optional cache inputs (the calibration list is read when ComfyUI asks for the inputs)."""
-    return {
-        "cache": (["teacache", "magcache", "none"], {"default": "teacache", "tooltip": "Step cache: teacache uses the "
-                  "teacache threshold above; magcache skips steps by calibrated magnitude ratios (about 2x at 0.1); "
-                  "none computes every step."}),
-        "magcache_calibration": (magcache_files(), {"default": BUILTIN_RATIOS, "tooltip": "Per-step magnitude ratios: "
-                                 "FramePack-Studio's published ones for the FramePack / F1 weights, or a JSON file from "
-                                 "FramePack MagCache Calibrate in models/framepack_magcache/. Other step counts are "
-                                 "rescaled."}),
-        "magcache_threshold": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "MagCache "
-                               "error budget while skipping; higher is faster, 0 never skips."}),
-        "magcache_max_skips": ("INT", {"default": 2, "min": 1, "max": 10, "tooltip": "MagCache: most steps skipped "
-                               "in a row."}),
-        "magcache_retention": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "MagCache: "
-                               "share of the first steps that always compute (they set the layout)."}),
-        "cfg_batch": (["auto", "batched", "sequential"], {"default": "auto", "tooltip": "With cfg above 1: run the "
-                      "positive and negative prompt as one batch (faster, twice the activation memory) or one after the "
-                      "other. auto batches when the free memory holds it."}),
-    }
+    return [
+        io.Combo.Input("cache", optional=True, options=["teacache", "magcache", "none"], default="teacache",
+                       tooltip="Step cache: teacache uses the teacache threshold above; magcache skips steps by "
+                       "calibrated magnitude ratios (about 2x at 0.1); none computes every step."),
+        io.Combo.Input("magcache_calibration", optional=True, options=magcache_files(), default=BUILTIN_RATIOS,
+                       tooltip="Per-step magnitude ratios: FramePack-Studio's published ones for the FramePack / F1 "
+                       "weights, or a JSON file from FramePack MagCache Calibrate in models/framepack_magcache/. "
+                       "Other step counts are rescaled."),
+        io.Float.Input("magcache_threshold", optional=True, default=0.1, min=0.0, max=1.0, step=0.01,
+                       tooltip="MagCache error budget while skipping; higher is faster, 0 never skips."),
+        io.Int.Input("magcache_max_skips", optional=True, default=2, min=1, max=10,
+                     tooltip="MagCache: most steps skipped in a row."),
+        io.Float.Input("magcache_retention", optional=True, default=0.25, min=0.0, max=1.0, step=0.01,
+                       tooltip="MagCache: share of the first steps that always compute (they set the layout)."),
+        io.Combo.Input("cfg_batch", optional=True, options=["auto", "batched", "sequential"], default="auto",
+                       tooltip="With cfg above 1: run the positive and negative prompt as one batch (faster, twice "
+                       "the activation memory) or one after the other. auto batches when the free memory holds it."),
+    ]
 
 
 def make_step_cache(choice, teacache, calibration, threshold, max_skips, retention, mode):

@@ -34,7 +34,7 @@ def test_calibration_node_writes_a_file_the_sampler_lists_and_uses(comfy, pack, 
     assert torch.equal(latent["samples"], sample(pack, model, steps=4, cache="none")["samples"])
     run(cls, **inputs, filename="tiny_calibration")
     assert json.loads(path.read_text()) == first  # reproducible
-    assert name in pack["FramePackSampler"].INPUT_TYPES()["optional"]["magcache_calibration"][0]
+    assert name in pack["FramePackSampler"].INPUT_TYPES()["optional"]["magcache_calibration"][1]["options"]
     cached = sample(pack, model, steps=6, cache="magcache", magcache_calibration=name, magcache_threshold=0.5)
     assert torch.isfinite(cached["samples"]).all()
 

@@ -32,6 +32,13 @@ def node_defaults(cls):
 
 
 def run(cls, **inputs):
+    """A node's result as ComfyUI's executor gets it: V1 nodes through an instance's FUNCTION; V3 nodes
+    (io.ComfyNode) through FUNCTION on a clone of the class, which returns an io.NodeOutput (indexable)."""
+    from comfy_api.latest import io
+
+    if issubclass(cls, io.ComfyNode):
+        cls.VALIDATE_CLASS()
+        return getattr(cls.PREPARE_CLASS_CLONE({}), cls.FUNCTION)(**inputs)
     return getattr(cls(), cls.FUNCTION)(**inputs)
 
 
@@ -102,7 +109,7 @@ def test_generate_and_decode_in_process(comfy, pack, checkpoint, vae):
     from comfy.cli_args import LatentPreviewMethod, args
     from comfy.model_patcher import ModelPatcher
 
-    assert checkpoint in pack["FramePackModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    assert checkpoint in pack["FramePackModelLoader"].INPUT_TYPES()["required"]["model_name"][1]["options"]
     model = load_model(pack, checkpoint)
     assert isinstance(model, ModelPatcher)
     transformer = model.model.diffusion_model
@@ -159,9 +166,9 @@ def test_generate_and_decode_in_process(comfy, pack, checkpoint, vae):
 
     cls = pack["FramePackDecodeToVideo"]
     out = run(cls, **{**node_defaults(cls), "samples": latent, "vae": vae, "filename_prefix": "e2e/framepack"})
-    path = out["result"][0]
+    path = out.result[0]
     assert os.path.isfile(path) and path.endswith(".mp4")
-    assert out["ui"]["images"][0]["filename"] in path
+    assert out.ui["images"][0]["filename"] in path
     with av.open(path) as container:
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(decoded) == PIXEL_FRAMES

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from framepack_core.synthetic import TINY, random_state_dict, save_single_file, section_inputs
+from test_end_to_end import run
 
 MODEL_FILE = "framepack_lora_test_tiny.safetensors"
 RANK = 4
@@ -24,7 +25,7 @@ def tiny(comfy):
 
 @pytest.fixture()
 def model(comfy, tiny):
-    return comfy.pack["FramePackModelLoader"]().load(MODEL_FILE, "fp32", "sdpa")[0]
+    return run(comfy.pack["FramePackModelLoader"], model_name=MODEL_FILE, weight_dtype="fp32", attention="sdpa")[0]
 
 
 def write_lora(comfy, name, tensors):
@@ -51,9 +52,9 @@ def test_node_is_registered_with_safetensors_choices(comfy, tiny):
     (comfy.models / "loras" / "pickled.pt").write_bytes(b"")
     assert comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS["FramePackLoraLoader"] == "FramePack LoRA Loader"
     node = comfy.pack["FramePackLoraLoader"]
-    choices = node.INPUT_TYPES()["required"]["lora_name"][0]
+    choices = node.INPUT_TYPES()["required"]["lora_name"][1]["options"]
     assert "not_a_lora.txt.safetensors" in choices and "pickled.pt" not in choices
-    assert node.RETURN_TYPES == ("MODEL",) and node.CATEGORY == "FramePack"
+    assert list(node.RETURN_TYPES) == ["MODEL"] and node.CATEGORY == "FramePack"
 
 
 def test_diffusers_lora_gives_w_plus_delta(comfy, tiny, model, caplog):
@@ -70,7 +71,7 @@ def test_diffusers_lora_gives_w_plus_delta(comfy, tiny, model, caplog):
         expected[f"{m}.weight"] = w + strength * (up @ down) * alpha / RANK
     name = write_lora(comfy, "fp_diffusers.safetensors", lora)
     with caplog.at_level(logging.INFO):
-        out = comfy.pack["FramePackLoraLoader"]().load(model, name, strength)[0]
+        out = run(comfy.pack["FramePackLoraLoader"], model=model, lora_name=name, strength=strength)[0]
     assert f"[FramePack] LoRA {name}: 5 of 5 modules applied" in caplog.text
     assert out is not model and not model.patches  # a patched clone; the input MODEL is untouched
     after = patched_weights(out)
@@ -96,7 +97,7 @@ def test_original_hunyuan_video_lora_with_fused_qkv(comfy, tiny, model):
         lora |= {f"lora_unet_{src}.lora_down.weight": down, f"lora_unet_{src}.lora_up.weight": up,
                  f"lora_unet_{src}.alpha": torch.tensor(alpha)}
     name = write_lora(comfy, "hunyuan_video_original.safetensors", lora)
-    out = comfy.pack["FramePackLoraLoader"]().load(model, name, strength)[0]
+    out = run(comfy.pack["FramePackLoraLoader"], model=model, lora_name=name, strength=strength)[0]
     after = patched_weights(out)
 
     touched = set()
@@ -129,7 +130,7 @@ def test_low_vram_partial_loading_gives_the_same_model(comfy, tiny, model):
         f"diffusion_model.{m}.lora_up.weight": up, f"diffusion_model.{m}.lora_down.weight": down,
         "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": qkv_up,
         "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": qkv_down})
-    out = comfy.pack["FramePackLoraLoader"]().load(model, name, 1.0)[0]
+    out = run(comfy.pack["FramePackLoraLoader"], model=model, lora_name=name, strength=1.0)[0]
     inputs = section_inputs(TINY, seed=2)
 
     def forward(**load):
@@ -160,7 +161,7 @@ def test_unmatched_keys_are_named(comfy, tiny, model, caplog):
         "double_blocks.9.img_attn_qkv.lora_down.weight": torch.zeros(RANK, D),
         "double_blocks.9.img_attn_qkv.lora_up.weight": torch.zeros(3 * D, RANK)})
     with caplog.at_level(logging.INFO):
-        out = comfy.pack["FramePackLoraLoader"]().load(model, name, 1.0)[0]
+        out = run(comfy.pack["FramePackLoraLoader"], model=model, lora_name=name, strength=1.0)[0]
     assert f"[FramePack] LoRA {name}: 1 of 3 modules applied" in caplog.text
     assert "4 keys not applied" in caplog.text
     assert "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight" in caplog.text
@@ -176,7 +177,7 @@ def test_lora_that_matches_nothing_is_refused(comfy, tiny, model):
         "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(8, RANK),
         "lora_unet_input_blocks_1_1_proj_in.alpha": torch.tensor(4.0)})
     with pytest.raises(ValueError) as e:
-        comfy.pack["FramePackLoraLoader"]().load(model, name, 1.0)
+        run(comfy.pack["FramePackLoraLoader"], model=model, lora_name=name, strength=1.0)
     msg = str(e.value)
     assert name in msg and "lora_unet_input_blocks_1_1_proj_in.lora_down.weight" in msg
     assert "diffusers/PEFT" in msg and "original HunyuanVideo" in msg and "kohya" in msg
@@ -188,14 +189,14 @@ def test_wrong_width_is_refused_not_silently_skipped(comfy, tiny, model):
         "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(RANK, 3072),
         "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, RANK)})
     with pytest.raises(ValueError, match="does not fit"):
-        comfy.pack["FramePackLoraLoader"]().load(model, name, 1.0)
+        run(comfy.pack["FramePackLoraLoader"], model=model, lora_name=name, strength=1.0)
 
 
 def test_strength_zero_and_file_types(comfy, tiny, model):
-    node = comfy.pack["FramePackLoraLoader"]()
-    assert node.load(model, "anything.safetensors", 0.0)[0] is model
+    node = comfy.pack["FramePackLoraLoader"]
+    assert run(node, model=model, lora_name="anything.safetensors", strength=0.0)[0] is model
     with pytest.raises(ValueError, match="safetensors"):
-        node.load(model, "pickled.pt", 1.0)
+        run(node, model=model, lora_name="pickled.pt", strength=1.0)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -209,4 +210,4 @@ def test_malformed_lora_file_is_a_clear_error(comfy, tiny, model, damage, messag
     path = comfy.models / "loras" / name
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(ValueError, match=f"{name} {message}.*[Dd]ownload it again"):
-        comfy.pack["FramePackLoraLoader"]().load(model, name, 1.0)
+        run(comfy.pack["FramePackLoraLoader"], model=model, lora_name=name, strength=1.0)

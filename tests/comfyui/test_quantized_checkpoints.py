@@ -12,6 +12,7 @@ import torch
 
 from framepack_core.quantized import METADATA_KEY
 from framepack_core.synthetic import TINY, quantized_state, random_state_dict, save_single_file, section_inputs
+from test_end_to_end import run
 
 PREFIX = "model.diffusion_model."
 
@@ -26,7 +27,7 @@ def write(comfy, name, layout, input_scales=False):
 
 
 def load(comfy, name, weight_dtype="auto"):
-    return comfy.pack["FramePackModelLoader"]().load(name, weight_dtype, "sdpa")[0]
+    return run(comfy.pack["FramePackModelLoader"], model_name=name, weight_dtype=weight_dtype, attention="sdpa")[0]
 
 
 @pytest.mark.parametrize("input_scales", [False, True])
