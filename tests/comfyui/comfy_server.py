@@ -98,7 +98,8 @@ class ComfyServer:
 
     # --- HTTP, as the frontend calls it -------------------------------------------------------------------
 
-    def _request(self, method, path, payload=None):
+    def request(self, method, path, payload=None):
+        """(HTTP status, decoded JSON body or None) of one request to the server."""
         async def go():
             async with aiohttp.ClientSession() as session:
                 async with session.request(method, self.url + path, json=payload,
@@ -111,12 +112,12 @@ class ComfyServer:
             raise ConnectionError(str(e)) from e
 
     def get(self, path):
-        status, body = self._request("GET", path)
+        status, body = self.request("GET", path)
         assert status == 200, f"GET {path}: {status} {body}"
         return body
 
     def post(self, path, payload=None):
-        return self._request("POST", path, payload)
+        return self.request("POST", path, payload)
 
     # --- running prompts -------------------------------------------------------------------------------
 

@@ -98,7 +98,7 @@ def server(comfy, tmp_path_factory):
 
 def template(server, name):
     """An example workflow as the frontend gets it: from the pack's template route."""
-    status, workflow = server._request("GET", f"/api/workflow_templates/{PACK_NAME}/{name}.json")
+    status, workflow = server.request("GET", f"/api/workflow_templates/{PACK_NAME}/{name}.json")
     assert status == 200, f"template {name}: HTTP {status}"
     return workflow
 
