@@ -44,7 +44,7 @@ def main():
     inputs = section_inputs(MEDIUM, layout="inverted", height=HEIGHT, width=WIDTH, window=WINDOW)
     noise = inputs.pop("hidden_states")
     inputs.pop("timestep")
-    sampler = DefaultSectionSampler(model, SamplingSettings(steps=steps, dtype=torch.float32))
+    sampler = DefaultSectionSampler(model, SamplingSettings(steps=steps))
 
     def plain(step, steps, x, x0):
         pass

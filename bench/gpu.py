@@ -123,7 +123,7 @@ def run_variant(size, device, v, comfy):
     if v["lowvram"]:
         model = lowvram_load(model, device, comfy)
     start, image, (positive, negative) = inputs(size, device)
-    settings = SamplingSettings(steps=size["steps"], dtype=torch.bfloat16, cfg=v["cfg"], cfg_batch=v["cfg_batch"],
+    settings = SamplingSettings(steps=size["steps"], cfg=v["cfg"], cfg_batch=v["cfg_batch"],
                                 cache=v["cache"]() if v["cache"] else None)
     schedule = make_schedule("inverted", 1, window=size["window"])
 

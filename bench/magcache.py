@@ -35,7 +35,7 @@ def main():
     prompt = Prompt(torch.randn(1, 6, TINY.text_dim, generator=g), torch.randn(1, TINY.pooled_dim, generator=g))
 
     def run(steps, cache):
-        settings = SamplingSettings(steps=steps, seed=2, dtype=torch.float32, cache=cache)
+        settings = SamplingSettings(steps=steps, seed=2, cache=cache)
         with torch.inference_mode():
             return generate(model, make_schedule("inverted", 2, window=3), start, embeds, prompt, None, settings).latents
 

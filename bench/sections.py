@@ -36,7 +36,7 @@ def run(config, num_sections, size, window, steps):
     model, prompt, image = build(config)
     schedule = make_schedule("inverted", num_sections, window=window)
     start = torch.randn(1, config.in_channels, 1, *size)
-    settings = SamplingSettings(steps=steps, dtype=torch.float32)
+    settings = SamplingSettings(steps=steps)
     with torch.inference_mode():  # warm-up: one short generation so one-time setup costs are not counted
         generate(model, make_schedule("inverted", 1, window=window), start, image, prompt, settings=settings)
         on_section, rows = section_report(schedule, *size, "cpu")

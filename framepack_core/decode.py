@@ -31,6 +31,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .checks import check_latent
 from .packing import MODES, check_mode_window, overlap_frames, pixel_frames, section_ranges  # noqa: F401 (re-exported)
 
 Range = Tuple[int, int]  # (start, stop) latent frames of a section, temporal order
@@ -162,9 +163,7 @@ def decode_sections(latents: torch.Tensor, mode: str, window: int, sections: Seq
     interrupt) stops decoding. The sink is not closed here: the caller owns it.
     """
     clips = decode_clips(mode, window, sections)
-    if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[0] != 1:
-        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ValueError(f"latents must be a (1, C, T, h, w) tensor, got {shape}.")
+    check_latent("latents", latents, frames=None)
     total = clips[-1][1]
     if latents.shape[2] != total:
         raise ValueError(f"the sections cover {total} latent frames but latents has {latents.shape[2]}.")

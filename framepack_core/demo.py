@@ -99,7 +99,7 @@ def main(argv=None):
     start = torch.randn(1, TINY.in_channels, 1, h, w, generator=g)
     image = torch.randn(1, 729, TINY.image_dim, generator=g)
     prompt = Prompt(torch.randn(1, 20, TINY.text_dim, generator=g), torch.randn(1, TINY.pooled_dim, generator=g))
-    settings = SamplingSettings(steps=args.steps, seed=args.seed, dtype=torch.float32)
+    settings = SamplingSettings(steps=args.steps, seed=args.seed)
 
     on_section, rows = section_report(schedule, h, w, "cpu")
     began = time.perf_counter()

@@ -60,7 +60,7 @@ def main(argv=None):
     start = torch.randn(1, config.in_channels, 1, h, w, generator=g)
     image = torch.randn(1, 729, config.image_dim, generator=g)
     prompt = Prompt(torch.randn(1, 64, config.text_dim, generator=g), torch.randn(1, config.pooled_dim, generator=g))
-    settings = SamplingSettings(steps=args.steps, seed=args.seed, dtype=dtype)
+    settings = SamplingSettings(steps=args.steps, seed=args.seed)
     with torch.inference_mode():
         ratios, _ = calibrate(model, make_schedule(args.mode, args.sections, window=args.window), start, image,
                               prompt, settings)

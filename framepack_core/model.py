@@ -489,11 +489,20 @@ class FramePackTransformer(nn.Module):
         conditioning vector, "pe": RoPE (cos, sin), "attention_mask": per-sample text lengths or None,
         "transformer_options"}; ``run(args)`` computes the block. It returns {"img", "txt"} (dual) or
         {"img"} (single, where "img" is the joined image + text sequence).
+        Each block's transformer_options also say where it is ("block_type" "double" / "single",
+        "block_index", "total_blocks"), as newer ComfyUI DiTs set them for patches and attention overrides.
         """
         backend = self.attention_backend
         replace = options.get("patches_replace", {}).get("dit", {})
-        common = {"vec": temb, "pe": rope, "attention_mask": lengths, "transformer_options": options}
+        total = len(self.transformer_blocks) + len(self.single_transformer_blocks)
+
+        def where(kind, i):
+            block_options = {**options, "block_type": kind, "block_index": i, "total_blocks": total}
+            return block_options, {"vec": temb, "pe": rope, "attention_mask": lengths,
+                                   "transformer_options": block_options}
+
         for i, block in enumerate(self.transformer_blocks):
+            block_options, common = where("double", i)
             if ("double_block", i) in replace:
                 def run(args, block=block):
                     img, txt = block(args["img"], args["txt"], args["vec"], args["pe"], args["attention_mask"], backend,
@@ -503,10 +512,11 @@ class FramePackTransformer(nn.Module):
                 out = replace[("double_block", i)]({"img": x, "txt": ctx, **common}, {"original_block": run})
                 x, ctx = out["img"], out["txt"]
             else:
-                x, ctx = block(x, ctx, temb, rope, lengths, backend, options)
+                x, ctx = block(x, ctx, temb, rope, lengths, backend, block_options)
         n = x.shape[1]
         tokens = torch.cat([x, ctx], 1)
         for i, block in enumerate(self.single_transformer_blocks):
+            block_options, common = where("single", i)
             if ("single_block", i) in replace:
                 def run(args, block=block):
                     return {"img": block(args["img"], args["vec"], args["pe"], args["attention_mask"], backend,
@@ -514,7 +524,7 @@ class FramePackTransformer(nn.Module):
 
                 tokens = replace[("single_block", i)]({"img": tokens, **common}, {"original_block": run})["img"]
             else:
-                tokens = block(tokens, temb, rope, lengths, backend, options)
+                tokens = block(tokens, temb, rope, lengths, backend, block_options)
         return tokens[:, :n]
 
     def _run_blocks(self, x, ctx, temb, rope, lengths, cache, options):

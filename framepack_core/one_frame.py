@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from .packing import Level
-from .checks import check_image_embeddings, check_latent, check_prompt, check_settings
-from .pipeline import DefaultSectionSampler, SamplingSettings, _device, _model_inputs
+from .checks import (NonFiniteError, StepCheck, check_image_embeddings, check_latent, check_prompt, check_settings,
+                     diagnose)
+from .pipeline import (DefaultSectionSampler, SamplingSettings, compute_dtype, guidance_negative, model_device,
+                       model_inputs)
 
 POST_OFFSET, COUNT_2X, COUNT_4X = 1, 2, 16
 
@@ -126,12 +128,13 @@ def one_frame_context(layout: OneFrameLayout, start_latent: torch.Tensor, refere
 def generate_one_frame(model, start_latent, image_embeddings, prompt, negative=None, settings=SamplingSettings(), *,
                        references: Sequence[Reference] = (), start_mask=None, target_index=None, window=9,
                        start_index=0, post=True, use_2x=True, use_4x=True, sample_section=None, on_step=None,
-                       interrupt=None, device=None) -> torch.Tensor:
+                       interrupt=None, device=None, model_call=None, transformer_options=None) -> torch.Tensor:
     """One latent frame (1, C, 1, H, W) in model space, sampled as the original samples a section.
 
     Noise is ``randn(1, C, 1, H, W)`` from a CPU generator seeded with ``settings.seed``; the sigma
     shift comes from the single frame's token count, as the original's sampler computes it.
     ``on_step(step, steps, x0)`` after every sampler step; the other arguments are as in ``generate``.
+    A NaN or inf prediction stops with ``NonFiniteError``.
     """
     layout = one_frame_layout([r.index for r in references], target_index, window, start_index, post, use_2x, use_4x)
     config = getattr(model, "config", None)
@@ -139,19 +142,24 @@ def generate_one_frame(model, start_latent, image_embeddings, prompt, negative=N
     context = one_frame_context(layout, start_latent, references, start_mask)
     check_image_embeddings("image_embeddings", image_embeddings, config)
     check_settings(settings)
-    for name, p in (("prompt", prompt), ("negative", negative)):
-        if p is not None:
-            check_prompt(name, p, config)
-    sample_section = sample_section or DefaultSectionSampler(model, settings)
-    device = torch.device(device) if device is not None else _device(model)
+    check_prompt("prompt", prompt, config)
+    negative = guidance_negative(negative, settings.cfg, config)
+    sample_section = sample_section or DefaultSectionSampler(model, settings, model_call, transformer_options)
+    device = torch.device(device) if device is not None else model_device(model)
+    dtype = compute_dtype(model)
     shape = start_latent.shape
     noise = torch.randn((1, shape[1], 1, *shape[-2:]), generator=torch.Generator("cpu").manual_seed(settings.seed))
-    positive = _model_inputs(prompt, image_embeddings, context, settings, device)
-    negative = None if negative is None or settings.cfg == 1.0 else _model_inputs(
-        negative, image_embeddings, context, settings, device)
+    positive = model_inputs(prompt, image_embeddings, context, settings, dtype, device)
+    negative = None if negative is None else model_inputs(negative, image_embeddings, context, settings, dtype, device)
+    check = StepCheck(f"the single frame (target index {layout.target_index})", lambda: diagnose(model, dtype))
 
     def step_callback(step, steps, x, x0):
+        check(step, steps, x0)
         if on_step is not None:
             on_step(step, steps, x0)
 
-    return sample_section(noise.to(device), positive, negative, step_callback, interrupt).float().cpu()
+    frame = sample_section(noise.to(device), positive, negative, step_callback, interrupt).float().cpu()
+    check.finish()
+    if not torch.isfinite(frame).all():
+        raise NonFiniteError(f"The sampled single frame contains NaN or inf. {diagnose(model, dtype)}")
+    return frame

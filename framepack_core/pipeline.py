@@ -58,7 +58,6 @@ class SamplingSettings:
     teacache_threshold: Optional[float] = None  # None: TeaCache off; 0.15 is the original's setting (= cache=TeaCache(t))
     cache: object = None  # a step-cache strategy (cache.TeaCache / cache.MagCache), fresh state per section and stream
     cfg_batch: bool = True  # with real CFG, run positive and negative as one batch of 2 (False: one after the other)
-    dtype: torch.dtype = torch.bfloat16  # dtype the transformer runs in
     denoise: float = 1.0  # with guide latents (video-to-video): the share of each section's steps sampled
 
 
@@ -78,6 +77,7 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
              weights_identity=None):
     """Generate a video's latents section by section.
 
+    The transformer runs in the model's own ``compute_dtype`` (see ``compute_dtype``).
     start_latent: (1, C, 1, H, W). image_embeddings: SigLIP last_hidden_state (1, 729, 1152) of the start
     image. prompt / negative: ``Prompt``s (negative is needed only when settings.cfg != 1).
     end_latent: inverted mode only; guides the temporally last section toward this frame.
@@ -88,7 +88,8 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
     timed_prompts: ``TimedPrompt``s; a section whose start time falls in a range uses that prompt
         (blended with its neighbour over ``blend_sections`` sections, see ``prompts.section_prompts``).
     extend_latents: (1, C, T, H, W) video to continue. Forward mode keeps it as history (start_latent
-        defaults to its first frame); inverted mode starts from its last frame and appends after it.
+        defaults to its first frame); inverted mode starts from its last frame and appends after it, so a
+        start_latent given as well is not used (logged).
     guide_latents: (1, C, T, H, W) a video to follow (video-to-video), frame 0 aligned with the start
         frame, at least 1 + sections * window frames (extra frames are not used). Each section starts from
         its own slice of it, re-noised to the sigma ``settings.denoise`` selects (see ``truncate_sigmas``),
@@ -115,34 +116,20 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
         not fingerprinted: put what it depends on into weights_identity.
     """
     mode, window = schedule.mode, schedule.window
-    if not fps > 0:
-        raise ValueError(f"fps must be > 0 (timed prompts are placed in seconds), got {fps!r}.")
-    config = getattr(model, "config", None)  # inputs are checked against it before any compute
-    check_settings(settings)
-    start_latent, prefix = _start_and_prefix(mode, start_latent, extend_latents, config)
-    check_latent("start_latent", start_latent, config)
-    check_image_embeddings("image_embeddings", image_embeddings, config)
-    shape = start_latent.shape
-    guides = _guides(schedule, shape, end_latent, keyframes)
-    timed = _check_timed_prompts(timed_prompts)
-    if end_image_embeddings is not None:
-        check_image_embeddings("end_image_embeddings", end_image_embeddings, config, like=image_embeddings)
-    check_prompt("prompt", prompt, config)
-    if settings.cfg != 1.0:
-        if negative is None:
-            raise ValueError(f"cfg={settings.cfg} needs a negative prompt; pass negative=... or use cfg=1.")
-        check_prompt("negative", negative, config)
-    for t in timed:
-        check_prompt(f"timed prompt [{t.start}, {t.end})", t.prompt, config)
-    _check_guide(guide_latents, schedule, shape, settings.denoise, extend_latents)
-    negative = negative if settings.cfg != 1.0 else None
-    device = torch.device(device) if device is not None else _device(model)
+    inputs = prepare_inputs(getattr(model, "config", None), schedule, settings, start_latent, image_embeddings,
+                            prompt, negative, end_latent=end_latent, end_image_embeddings=end_image_embeddings,
+                            keyframes=keyframes, timed_prompts=timed_prompts, extend_latents=extend_latents,
+                            guide_latents=guide_latents, fps=fps)
+    start_latent, prefix, guides, timed, negative = (inputs.start_latent, inputs.prefix, inputs.guides,
+                                                     inputs.timed_prompts, inputs.negative)
+    shape, dtype = start_latent.shape, compute_dtype(model)
+    device = torch.device(device) if device is not None else model_device(model)
 
     fingerprint = None
     if resume_from is not None or on_state is not None:
         fingerprint = _fingerprint(
             model, weights_identity, schedule, settings, device, sample_section or model_call,
-            start_latent=start_latent,
+            dtype=str(dtype), start_latent=start_latent,
             prefix=prefix, image_embeddings=image_embeddings, end_image_embeddings=end_image_embeddings,
             prompt=prompt, negative=negative, guides=guides, timed_prompts=timed, guide_latents=guide_latents,
             fps=float(fps))
@@ -168,11 +155,11 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
         noise = torch.randn((1, shape[1], window, shape[3], shape[4]), generator=generator)
         context = section.gather(start_latent.float(), history, guide=guides.get(section.video_index))
         embeds = _section_embeddings(image_embeddings, end_image_embeddings, section.video_index, n)
-        positive = _model_inputs(prompts[section.video_index], embeds, context, settings, device)
-        neg = None if negative is None else _model_inputs(negative, embeds, context, settings, device)
+        positive = model_inputs(prompts[section.video_index], embeds, context, settings, dtype, device)
+        neg = None if negative is None else model_inputs(negative, embeds, context, settings, dtype, device)
 
         where = f"section {position + 1} of {n} (video section {section.video_index})"
-        step_check = StepCheck(where, lambda: diagnose(model, settings.dtype))
+        step_check = StepCheck(where, lambda: diagnose(model, dtype))
 
         def step_callback(step, steps, x, x0, _position=position, _check=step_check):
             _check(step, steps, x0)
@@ -185,7 +172,7 @@ def generate(model, schedule, start_latent, image_embeddings, prompt, negative=N
         step_check.finish()
         if not torch.isfinite(sampled).all():  # e.g. a plug sampler that never calls on_step
             raise NonFiniteError(f"The sampled latents of {where} contain NaN or inf; the video would be black. "
-                                 f"{diagnose(model, settings.dtype)}")
+                                 f"{diagnose(model, dtype)}")
         history = schedule.append(history, section.output(sampled, start_latent.float()))
         if on_section is not None:
             on_section(section, schedule.video_latents(history))
@@ -237,7 +224,7 @@ class DefaultSectionSampler:
     """Samples one section with the flow-matching samplers and the transformer, as the original does."""
 
     def __init__(self, model, settings, model_call=None, transformer_options=None):
-        self.model, self.settings = model, settings
+        self.model, self.settings, self.dtype = model, settings, compute_dtype(model)
         self.model_call, self.transformer_options = model_call or model, transformer_options
 
     def __call__(self, noise, positive, negative, on_step, interrupt, guide=None):
@@ -256,7 +243,7 @@ class DefaultSectionSampler:
         options = None
         if self.transformer_options is not None:
             options = {**self.transformer_options, "sample_sigmas": sigmas.to(noise.device, torch.float32)}
-        denoise = make_flow_denoiser(self.model_call, positive, negative, s.cfg, s.cfg_rescale, dtype=s.dtype,
+        denoise = make_flow_denoiser(self.model_call, positive, negative, s.cfg, s.cfg_rescale, dtype=self.dtype,
                                      transformer_options=options, batch_cfg=s.cfg_batch)
         return sample(s.sampler, denoise, noise, sigmas, callback=on_step, interrupt=interrupt)
 
@@ -275,12 +262,12 @@ def step_cache(settings):
 # inputs of one transformer call
 
 
-def _model_inputs(prompt, image_embeddings, context, settings, device):
+def model_inputs(prompt, image_embeddings, context, settings, dtype, device):
     """The transformer's keyword arguments for one section, moved to its device once per section."""
     text, mask = prompt.text[:, :MAX_TEXT_TOKENS], prompt.mask
     if mask is not None:
         mask = mask[:, :MAX_TEXT_TOKENS]
-    guidance = torch.tensor([settings.distilled_guidance * 1000.0], dtype=settings.dtype)
+    guidance = torch.tensor([settings.distilled_guidance * 1000.0], dtype=dtype)
     inputs = dict(encoder_hidden_states=text, encoder_attention_mask=mask, pooled_projections=prompt.pooled,
                   image_embeddings=image_embeddings, guidance=guidance, **context)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -292,13 +279,68 @@ def _section_embeddings(start, end, video_index, num_sections):
     return torch.lerp(start.float(), end.float(), video_index / (num_sections - 1)).to(start.dtype)
 
 
-def _device(model):
+def compute_dtype(model):
+    """The dtype the transformer runs in: its ``compute_dtype``, else that of its first floating weight wider
+    than fp8 (an fp8 model computes in a wider type), else float32."""
+    dtype = getattr(model, "compute_dtype", None)
+    if dtype is not None:
+        return dtype
+    for param in getattr(model, "parameters", lambda: [])():
+        if param.is_floating_point() and param.element_size() > 1:
+            return param.dtype
+    return torch.float32
+
+
+def model_device(model):
     param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     return param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------
 # validation
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    """A generation's inputs once checked and resolved (see ``prepare_inputs``)."""
+
+    start_latent: torch.Tensor  # the frame the video starts from (an inverted extension: the input's last frame)
+    prefix: Optional[torch.Tensor]  # extension: the input video's frames kept in front of the new ones
+    guides: dict  # {video section index: latent the section leads into} (end frame and keyframes)
+    timed_prompts: list  # sorted by start time
+    negative: Optional[Prompt]  # None when cfg is 1: the negative prompt is never run then
+
+
+def prepare_inputs(config, schedule, settings, start_latent, image_embeddings, prompt, negative=None, *,
+                   end_latent=None, end_image_embeddings=None, keyframes=None, timed_prompts=(), extend_latents=None,
+                   guide_latents=None, fps=30.0):
+    """Check every input of ``generate`` against the model's ``config`` (None: shapes only) and resolve what
+    they mean. ``generate`` calls it first; a host may call it before loading the model to fail early."""
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0 (timed prompts are placed in seconds), got {fps!r}.")
+    check_settings(settings)
+    start_latent, prefix = _start_and_prefix(schedule.mode, start_latent, extend_latents, config)
+    check_latent("start_latent", start_latent, config)
+    check_image_embeddings("image_embeddings", image_embeddings, config)
+    guides = _guides(schedule, start_latent.shape, end_latent, keyframes)
+    timed = _check_timed_prompts(timed_prompts)
+    if end_image_embeddings is not None:
+        check_image_embeddings("end_image_embeddings", end_image_embeddings, config, like=image_embeddings)
+    check_prompt("prompt", prompt, config)
+    for t in timed:
+        check_prompt(f"timed prompt [{t.start}, {t.end})", t.prompt, config)
+    _check_guide(guide_latents, schedule, start_latent.shape, settings.denoise, extend_latents)
+    return PreparedInputs(start_latent, prefix, guides, timed, guidance_negative(negative, settings.cfg, config))
+
+
+def guidance_negative(negative, cfg, config=None):
+    """The negative prompt real CFG runs (checked), or None when ``cfg`` is 1 and it is never run."""
+    if cfg == 1.0:
+        return None
+    if negative is None:
+        raise ValueError(f"cfg={cfg} needs a negative prompt; pass negative=... or use cfg=1.")
+    check_prompt("negative", negative, config)
+    return negative
 
 
 def _start_and_prefix(mode, start_latent, extend_latents, config):
@@ -310,8 +352,8 @@ def _start_and_prefix(mode, start_latent, extend_latents, config):
     if mode == "forward":
         return (extend_latents[:, :, :1] if start_latent is None else start_latent), extend_latents
     if start_latent is not None:
-        raise ValueError("In inverted mode an extension starts from the input video's last frame; pass "
-                         "either start_latent or extend_latents, not both.")
+        log.warning("[FramePack] an inverted extension starts from the last frame of the video it extends; the "
+                    "start latent given as well is not used (its image embeddings should show that last frame).")
     return extend_latents[:, :, -1:], extend_latents[:, :, :-1]
 
 
@@ -337,7 +379,8 @@ def _guides(schedule, shape, end_latent, keyframes):
 def _check_guide(guide, schedule, shape, denoise, extend_latents):
     if guide is None:
         if denoise != 1.0:
-            raise ValueError(f"denoise={denoise} needs guide latents (a video to follow); without them use 1.")
+            raise ValueError(f"denoise={denoise} needs guide latents to follow (a guide video's VAEEncode); without a "
+                             "guide use denoise 1.")
         return
     check_latent("guide_latents", guide, frames=None, like=shape)
     if extend_latents is not None:

@@ -7,13 +7,15 @@ them and only otherwise calls ``comfy_entrypoint``, so offering both never regis
 from comfy_api.latest import ComfyExtension
 
 from .decode import FramePackDecode, FramePackDecodeToVideo
-from .helpers import FramePackKeyframe, FramePackResolutionBucket, FramePackTimedPrompt
+from .keyframe import FramePackKeyframe
 from .lora import FramePackLoraLoader
 from .magcache import FramePackMagCacheCalibrate
 from .model import FramePackModelLoader
+from .resolution_bucket import FramePackResolutionBucket
 from .sampler import FramePackSampler
 from .schedule import FramePackSchedule
 from .single_frame import FramePackSingleFrame
+from .timed_prompt import FramePackTimedPrompt
 
 NODES = [
     FramePackModelLoader, FramePackLoraLoader, FramePackSchedule, FramePackSampler, FramePackMagCacheCalibrate,

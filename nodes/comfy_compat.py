@@ -16,15 +16,32 @@ from comfy_api.latest import io
 MIXED_PRECISION_MIN_VERSION = "0.3.68"
 
 
-def model_patcher_class():
+def model_patcher_class(disable_dynamic=False):
     """The patcher ComfyUI's own model loaders use.
 
     0.38.x (read: comfy/model_patcher.py, main.py, comfy/clip_vision.py): ``CoreModelPatcher`` is
     ``ModelPatcher``, rebound at start-up to ``ModelPatcherDynamic`` when Dynamic VRAM (comfy-aimdo) is
-    on; loaders build ``CoreModelPatcher(model, load_device=..., offload_device=...)``.
+    on; loaders build ``CoreModelPatcher(model, load_device=..., offload_device=...)``, and a plain
+    ``ModelPatcher`` when asked for a non-dynamic copy (``disable_dynamic``).
     0.3.64 (tested): only ``ModelPatcher``.
     """
+    if disable_dynamic:
+        return comfy.model_patcher.ModelPatcher
     return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+
+
+def remember_loader(patcher, factory, args):
+    """Tell ComfyUI how to build this model again, where it asks.
+
+    0.38.x (read: comfy/model_patcher.py ``clone(disable_dynamic=True)``, ``get_non_dynamic_delegate``,
+    ``deepclone_multigpu``): a dynamic patcher makes its non-dynamic and multi-GPU copies by calling
+    ``factory(*args, disable_dynamic=...)`` from ``patcher.cached_patcher_init``; without it those copies
+    (hooked conditioning in core's CFGGuider, multi-GPU nodes) raise "cached_patcher_init is not
+    initialized". 0.3.64 (tested): patchers have no such attribute and nothing is set.
+    """
+    if hasattr(patcher, "cached_patcher_init"):
+        patcher.cached_patcher_init = (factory, args)
+    return patcher
 
 
 def quantized_operations(quant, compute_dtype, load_device, fp8_optimizations=False):

@@ -8,18 +8,18 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..framepack_core.checks import check_latent
 from ..framepack_core.decode import TensorSink, VideoFileSink, decode_sections, section_ranges
 
 
 def sections_of(latent, window):
-    """(samples, mode, window, sections) of a LATENT, from the sampler's boundaries when it carries them."""
+    """(samples, mode, window, sections) of a LATENT; the sections follow from its mode, window and length."""
     samples = latent["samples"]
-    if samples.ndim != 5 or samples.shape[0] != 1:
-        raise ValueError(f"Expected the latents of one video (1, 16, T, h, w), got {tuple(samples.shape)}.")
-    if "framepack_sections" in latent:
-        return samples, latent["framepack_mode"], latent["framepack_window"], latent["framepack_sections"]
-    # Latents from elsewhere (e.g. loaded from disk): decode them in windows of `window` frames.
-    return samples, "forward", window, section_ranges("forward", samples.shape[2], window)
+    check_latent("samples", samples, frames=None)
+    # FramePack Sampler's LATENT says how it was sampled; latents from elsewhere (e.g. loaded from disk) are
+    # decoded in forward clips of `window` frames
+    mode, window = latent.get("framepack_mode", "forward"), latent.get("framepack_window", window)
+    return samples, mode, window, section_ranges(mode, samples.shape[2], window)
 
 
 def decode_with_vae(vae, samples, mode, window, sections, sink):
@@ -40,8 +40,8 @@ def decode_inputs():
 
 
 def window_input():
-    return io.Int.Input("window", optional=True, default=9, min=1, max=33, tooltip="Only for latents without "
-                        "section boundaries (not straight from FramePack Sampler): decode in clips of this many "
+    return io.Int.Input("window", optional=True, default=9, min=1, max=33, tooltip="Only for latents that do not "
+                        "come from FramePack Sampler (it records its own window): decode in clips of this many "
                         "latent frames, cross-faded.")
 
 

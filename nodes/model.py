@@ -21,8 +21,7 @@ import torch
 from comfy_api.latest import io
 
 from ..framepack_core.attention import BACKENDS
-from ..framepack_core.loading import (CheckpointError, load_transformer, read_key_shapes, read_quantization,
-                                      SAFETENSORS_DTYPES)
+from ..framepack_core.loading import SAFETENSORS_DTYPES, load_transformer, read_key_shapes, read_quantization
 from . import comfy_compat
 
 WEIGHT_DTYPES = {
@@ -83,8 +82,9 @@ def resolve_model_path(name):
     return folder_paths.get_full_path_or_raise("diffusion_models", name)
 
 
-def load_framepack(path, weight_dtype="auto", attention="auto"):
-    """ModelPatcher holding a FramePack transformer built with comfy.ops layers."""
+def load_framepack(path, weight_dtype="auto", attention="auto", disable_dynamic=False):
+    """ModelPatcher holding a FramePack transformer built with comfy.ops layers (``disable_dynamic``: a plain
+    ModelPatcher even where Dynamic VRAM is on, as ComfyUI asks its loaders for a non-dynamic copy)."""
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     quant = read_quantization(path)
     storage = WEIGHT_DTYPES[weight_dtype]
@@ -112,7 +112,9 @@ def load_framepack(path, weight_dtype="auto", attention="auto"):
     config.set_inference_dtype(storage, None if compute == storage else compute)
     model = FramePackModel(transformer, config, device=offload_device)
     model.framepack_source = (path, {"weight_dtype": weight_dtype, "attention": attention})  # resume identity
-    return comfy_compat.model_patcher_class()(model, load_device=load_device, offload_device=offload_device)
+    patcher = comfy_compat.model_patcher_class(disable_dynamic)(model, load_device=load_device,
+                                                                offload_device=offload_device)
+    return comfy_compat.remember_loader(patcher, load_framepack, (path, weight_dtype, attention))
 
 
 class FramePackModelLoader(io.ComfyNode):

@@ -1,5 +1,6 @@
 """The anti-drift sampler node: a whole FramePack generation from ComfyUI's standard inputs."""
 
+import dataclasses
 import logging
 import os
 
@@ -14,12 +15,13 @@ from comfy_api.latest import io
 from ..framepack_core.cache import FRAMEPACK_MAG_RATIOS, MagCache, TeaCache, load_calibration
 from ..framepack_core.checks import check_image_embeddings, check_latent, check_prompt
 from ..framepack_core.model import section_memory_bytes
-from ..framepack_core.pipeline import Prompt, SamplingSettings, TimedPrompt, generate
+from ..framepack_core.pipeline import Prompt, SamplingSettings, TimedPrompt, generate, prepare_inputs
 from ..framepack_core.sampling import SAMPLERS, denoised_steps
 from .comfy_compat import check_combos
-from .helpers import Keyframes, TimedPrompts
+from .keyframe import Keyframes
 from .resume import model_identity, resume_store
 from .schedule import Schedule
+from .timed_prompt import TimedPrompts
 
 # MagCache calibrations (JSON) live in models/framepack_magcache/ (more folders via extra_model_paths.yaml)
 MAGCACHE_FOLDER = "framepack_magcache"
@@ -29,8 +31,9 @@ if MAGCACHE_FOLDER not in folder_paths.folder_names_and_paths:
 BUILTIN_RATIOS = "FramePack-Studio (built-in)"
 
 
-def prompt_from_conditioning(conditioning, name, config):
-    """Our Prompt from ComfyUI CONDITIONING ([[hidden states, {"pooled_output": ...}]]), checked against the model."""
+def prompt_from_conditioning(conditioning, name, config=None):
+    """Our Prompt from ComfyUI CONDITIONING ([[hidden states, {"pooled_output": ...}]]), checked against the model
+    when ``config`` is given (the core checks a negative prompt itself, only when CFG runs it)."""
     if not conditioning:
         raise ValueError(f"{name} conditioning is empty.")
     if len(conditioning) != 1:
@@ -39,7 +42,8 @@ def prompt_from_conditioning(conditioning, name, config):
     text, extras = conditioning[0]
     pooled = extras.get("pooled_output")
     prompt = Prompt(text.float(), None if pooled is None else pooled.float(), extras.get("attention_mask"))
-    check_prompt(f"{name} conditioning", prompt, config)
+    if config is not None:
+        check_prompt(f"{name} conditioning", prompt, config)
     return prompt
 
 
@@ -59,17 +63,31 @@ def video_latent(latent, name, scale, config=None, frames=None):
     return samples.float() * scale
 
 
+# wrapper types ComfyUI runs around its own sampling loop, outside any transformer call
+SAMPLER_WRAPPERS = [getattr(comfy.patcher_extension.WrappersMP, name) for name in
+                    ("OUTER_SAMPLE", "PREPARE_SAMPLING", "SAMPLER_SAMPLE", "PREDICT_NOISE", "CALC_COND_BATCH")
+                    if hasattr(comfy.patcher_extension.WrappersMP, name)]
+
+
 def patched_model_call(model):
     """(model_call, transformer_options) that run each transformer call as ComfyUI's samplers do.
 
     The options are the MODEL's ``transformer_options`` (block patches, attention override) with its
     wrappers and callbacks merged in; each call goes through ``BaseModel.apply_model``, so the
     ``APPLY_MODEL`` and ``DIFFUSION_MODEL`` wrappers (TorchCompileModel's among them) run around it.
+    Wrappers of ComfyUI's sampling loop (``SAMPLER_WRAPPERS``) cannot run here and are refused by name.
     """
     options = comfy.model_patcher.create_model_options_clone(model.model_options).get("transformer_options", {})
     for kind in ("wrappers", "callbacks"):
         comfy.patcher_extension.merge_nested_dicts(options.setdefault(kind, {}), getattr(model, kind),
                                                    copy_dict1=False)
+    sampler_level = sorted(f"{kind} ({key})" for kind in SAMPLER_WRAPPERS
+                           for key in options["wrappers"].get(kind, {}))
+    if sampler_level:
+        raise ValueError(f"This MODEL carries ComfyUI sampler wrappers that only ComfyUI's own samplers (KSampler, "
+                         f"SamplerCustom) run: {', '.join(sampler_level)}, e.g. from EasyCache or LazyCache. FramePack "
+                         "samples section by section itself and cannot run them: remove that node (for step caching "
+                         "use FramePack Sampler's cache input).")
     base = model.model
 
     def model_call(hidden_states, timestep, transformer_options, **inputs):
@@ -139,8 +157,8 @@ class FramePackSampler(io.ComfyNode):
             description=("Generates a video section by section with FramePack: the start image conditions every "
                          "section through packed 1x/2x/4x context, sampled in the schedule's order."),
             inputs=sampler_inputs(),
-            outputs=[io.Latent.Output(tooltip="The video latents (start frame first). They carry their section "
-                                      "boundaries for FramePack Decode.")],
+            outputs=[io.Latent.Output(tooltip="The video latents (start frame first). They carry their mode and "
+                                      "window, from which FramePack Decode derives the section boundaries.")],
         )
 
     @classmethod
@@ -158,37 +176,33 @@ class FramePackSampler(io.ComfyNode):
         config, fmt = unloaded.config, model.model.latent_format
         plan = schedule.build(config.clean_kernels)
         scale = fmt.scale_factor
-        # every input is converted and checked against the model before it is loaded onto the GPU
-        start = video_latent(start_latent, "start_latent", scale, config, frames=1)
-        extend = None if extend_latent is None else video_latent(extend_latent, "extend_latent", scale, config)
-        if extend is not None and plan.mode == "inverted":
-            logging.warning("[FramePack] inverted extension starts from the last frame of extend_latent; "
-                            "start_latent is not used (start_image_embeds should show that last frame).")
         step_cache = make_step_cache(cache, teacache, magcache_calibration, magcache_threshold, magcache_max_skips,
                                      magcache_retention, plan.mode)
+        settings = SamplingSettings(steps=steps, seed=seed, distilled_guidance=distilled_guidance, cfg=cfg,
+                                    cfg_rescale=cfg_rescale, shift=shift or None, sampler=sampler, cache=step_cache,
+                                    denoise=denoise)
         inputs = dict(
+            start_latent=video_latent(start_latent, "start_latent", scale, config, 1),
             image_embeddings=image_embeddings(start_image_embeds, "start", config),
             prompt=prompt_from_conditioning(positive, "positive", config),
-            negative=prompt_from_conditioning(negative, "negative", config) if cfg != 1.0 else None,
-            end_latent=None if end_latent is None else video_latent(end_latent, "end_latent", scale, config, frames=1),
+            negative=prompt_from_conditioning(negative, "negative"),
+            end_latent=None if end_latent is None else video_latent(end_latent, "end_latent", scale, config, 1),
             end_image_embeddings=None if end_image_embeds is None else image_embeddings(end_image_embeds, "end", config),
             keyframes={k: v * scale for k, v in (keyframes or {}).items()},
             timed_prompts=[TimedPrompt(prompt_from_conditioning(c, "timed", config), a, b, *blend)
                            for c, a, b, *blend in (timed_prompts or [])],
-            extend_latents=extend,
+            extend_latents=None if extend_latent is None else video_latent(extend_latent, "extend_latent", scale, config),
             guide_latents=None if guide_latent is None else video_latent(guide_latent, "guide_latent", scale, config))
-        if inputs["guide_latents"] is None and denoise != 1.0:
-            raise ValueError(f"denoise is {denoise} but no guide_latent is connected: connect a guide video's "
-                             "VAEEncode, or set denoise to 1.")
+        # every input is checked (and the start resolved) before the model is loaded onto the GPU
+        start = prepare_inputs(config, plan, settings, fps=schedule.fps, **inputs).start_latent
         height, width = start.shape[-2:]
         tokens = plan.token_budget(height, width).total_tokens
         memory = lambda batch: section_memory_bytes(config, tokens, unloaded.compute_dtype, batch=batch)  # noqa: E731
+        model_call, transformer_options = patched_model_call(model)
         mm.load_models_gpu([model], memory_required=memory(1))
         transformer = model.get_model_object("diffusion_model")  # read again once loaded, object patches applied
         batched = cfg != 1.0 and choose_cfg_batch(cfg_batch, mm.get_free_memory(model.load_device), memory(2))
-        settings = SamplingSettings(steps=steps, seed=seed, distilled_guidance=distilled_guidance, cfg=cfg,
-                                    cfg_rescale=cfg_rescale, shift=shift or None, sampler=sampler, cache=step_cache,
-                                    cfg_batch=batched, dtype=transformer.compute_dtype, denoise=denoise)
+        settings = dataclasses.replace(settings, cfg_batch=batched)
         section_steps = steps if inputs["guide_latents"] is None else max(denoised_steps(steps, denoise), 1)
         total = len(plan) * section_steps
         pbar = comfy.utils.ProgressBar(total)
@@ -198,12 +212,10 @@ class FramePackSampler(io.ComfyNode):
             preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
             pbar.update_absolute(section * section_steps + step + 1, total, preview)
 
-        model_call, transformer_options = patched_model_call(model)
         model.pre_run()  # as ComfyUI's samplers do: current_patcher and ON_PRE_RUN callbacks
         saved = SavedSections(resume_store(), len(plan)) if resume else None
         try:
-            result = generate(transformer, plan, None if extend is not None and plan.mode == "inverted" else start,
-                              settings=settings, fps=schedule.fps, on_step=on_step,
+            result = generate(transformer, plan, settings=settings, fps=schedule.fps, on_step=on_step,
                               interrupt=mm.throw_exception_if_processing_interrupted, device=model.load_device,
                               model_call=model_call, transformer_options=transformer_options,
                               resume_from=saved and saved.load, on_state=saved and saved.save,
@@ -216,8 +228,9 @@ class FramePackSampler(io.ComfyNode):
             model.cleanup()
         if saved is not None:
             saved.store.delete(result.fingerprint)
-        return io.NodeOutput({"samples": result.latents / scale, "framepack_sections": result.sections,
-                              "framepack_mode": result.mode, "framepack_window": result.window})
+        # FramePack Decode derives the section boundaries from the mode, the window and the length
+        return io.NodeOutput({"samples": result.latents / scale, "framepack_mode": result.mode,
+                              "framepack_window": result.window})
 
 
 def magcache_files():

@@ -10,7 +10,7 @@ from ..framepack_core.one_frame import Reference, generate_one_frame, one_frame_
 from ..framepack_core.pipeline import SamplingSettings
 from ..framepack_core.sampling import SAMPLERS
 from .comfy_compat import check_combos
-from .sampler import image_embeddings, prompt_from_conditioning, video_latent
+from .sampler import image_embeddings, patched_model_call, prompt_from_conditioning, video_latent
 
 
 def single_mask(mask, name):
@@ -20,13 +20,6 @@ def single_mask(mask, name):
     if mask.ndim == 3 and mask.shape[0] != 1:
         raise ValueError(f"{name} holds {mask.shape[0]} masks; give one.")
     return mask.reshape(mask.shape[-2:])
-
-
-def one_latent_frame(latent, name, scale):
-    samples = video_latent(latent, name, scale)
-    if samples.shape[2] != 1:
-        raise ValueError(f"{name} has {samples.shape[2]} latent frames; encode a single image.")
-    return samples
 
 
 class FramePackSingleFrame(io.ComfyNode):
@@ -86,25 +79,27 @@ class FramePackSingleFrame(io.ComfyNode):
     def execute(cls, model, positive, negative, image_embeds, start_latent, target_index, use_post, use_2x, use_4x,
                 steps, seed, distilled_guidance, cfg, shift, sampler, start_mask=None, reference_latent=None,
                 reference_index=10, reference_mask=None):
-        transformer = model.model.diffusion_model
-        config, fmt = transformer.config, model.model.latent_format
+        unloaded = model.get_model_object("diffusion_model")
+        config, fmt = unloaded.config, model.model.latent_format
         scale = fmt.scale_factor
-        start = one_latent_frame(start_latent, "start_latent", scale)
+        start = video_latent(start_latent, "start_latent", scale, config, 1)
         if reference_mask is not None and reference_latent is None:
             raise ValueError("reference_mask is connected but reference_latent is not: connect the reference image's "
                              "VAEEncode, or remove the mask.")
         references = [] if reference_latent is None else [Reference(
-            one_latent_frame(reference_latent, "reference_latent", scale), reference_index,
+            video_latent(reference_latent, "reference_latent", scale, config, 1), reference_index,
             single_mask(reference_mask, "reference_mask"))]
         for kernel, wanted in [(2, use_2x), (4, use_4x)]:
             if wanted and kernel not in config.clean_kernels:
                 raise ValueError(f"These weights have no {kernel}x clean-latent embedder; switch use_{kernel}x off.")
         settings = SamplingSettings(steps=steps, seed=seed, distilled_guidance=distilled_guidance, cfg=cfg,
-                                    shift=shift or None, sampler=sampler, dtype=transformer.compute_dtype)
+                                    shift=shift or None, sampler=sampler)
         layout = one_frame_layout([r.index for r in references], target_index, post=use_post, use_2x=use_2x,
                                   use_4x=use_4x)
         tokens = sum(layout.tokens(*start.shape[-2:]))
-        mm.load_models_gpu([model], memory_required=section_memory_bytes(config, tokens, transformer.compute_dtype))
+        model_call, transformer_options = patched_model_call(model)
+        mm.load_models_gpu([model], memory_required=section_memory_bytes(config, tokens, unloaded.compute_dtype))
+        transformer = model.get_model_object("diffusion_model")  # read again once loaded, object patches applied
         pbar = comfy.utils.ProgressBar(steps)
         previewer = latent_preview.get_previewer(model.load_device, fmt)
 
@@ -112,11 +107,15 @@ class FramePackSingleFrame(io.ComfyNode):
             preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
             pbar.update_absolute(step + 1, total, preview)
 
-        frame = generate_one_frame(
-            transformer, start, image_embeddings(image_embeds, "start", config),
-            prompt_from_conditioning(positive, "positive", config),
-            prompt_from_conditioning(negative, "negative", config) if cfg != 1.0 else None, settings,
-            references=references, start_mask=single_mask(start_mask, "start_mask"), target_index=target_index,
-            post=use_post, use_2x=use_2x, use_4x=use_4x, on_step=on_step,
-            interrupt=mm.throw_exception_if_processing_interrupted, device=model.load_device)
+        model.pre_run()
+        try:
+            frame = generate_one_frame(
+                transformer, start, image_embeddings(image_embeds, "start", config),
+                prompt_from_conditioning(positive, "positive", config), prompt_from_conditioning(negative, "negative"),
+                settings, references=references, start_mask=single_mask(start_mask, "start_mask"),
+                target_index=target_index, post=use_post, use_2x=use_2x, use_4x=use_4x, on_step=on_step,
+                interrupt=mm.throw_exception_if_processing_interrupted, device=model.load_device,
+                model_call=model_call, transformer_options=transformer_options)
+        finally:
+            model.cleanup()
         return io.NodeOutput({"samples": frame / scale})

@@ -171,7 +171,7 @@ def generate_tiny(tiny, settings):
 
 
 def settings(**kw):
-    return SamplingSettings(**{"steps": STEPS, "seed": 2, "dtype": torch.float32, **kw})
+    return SamplingSettings(**{"steps": STEPS, "seed": 2, **kw})
 
 
 @pytest.fixture(scope="module")

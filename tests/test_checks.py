@@ -36,7 +36,7 @@ def inputs():
 
 def run(model, settings=None, sections=2, **overrides):
     kwargs = {**inputs(), **overrides}
-    settings = SamplingSettings(**{"steps": 3, "dtype": torch.float32, **(settings or {})})
+    settings = SamplingSettings(**{"steps": 3, **(settings or {})})
     with torch.no_grad():
         return generate(model, make_schedule("inverted", sections, window=2), settings=settings, **kwargs)
 

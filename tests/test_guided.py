@@ -22,7 +22,7 @@ def guided(inputs):  # noqa: F811
 
 def run(model, guided, mode, guide=None, **settings):
     start, embeds, prompt, _ = guided
-    settings = SamplingSettings(**{"dtype": torch.float32, "steps": 4, "seed": 9, **settings})
+    settings = SamplingSettings(**{"steps": 4, "seed": 9, **settings})
     with torch.no_grad():
         return generate(model, make_schedule(mode, N, window=WINDOW), start, embeds, prompt, None, settings,
                         guide_latents=guide).latents
@@ -80,7 +80,7 @@ def test_the_sampler_runs_the_remaining_sigmas_from_the_renoised_guide(model, gu
         calls.append((kwargs["hidden_states"].clone(), kwargs["timestep"].clone()))
         return model(**kwargs)
 
-    settings = SamplingSettings(steps=10, denoise=0.6, sampler="euler", dtype=torch.float32)
+    settings = SamplingSettings(steps=10, denoise=0.6, sampler="euler")
     noise = torch.randn(1, 16, WINDOW, H, W, generator=torch.Generator().manual_seed(1))
     part = guide[:, :, 1:1 + WINDOW]
     embeds, prompt = guided[1], guided[2]

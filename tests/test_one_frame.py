@@ -6,7 +6,7 @@ import torch
 from framepack_core.model import FramePackTransformer
 from framepack_core.one_frame import Reference, generate_one_frame, one_frame_context, one_frame_layout
 from framepack_core.packing import make_schedule
-from framepack_core.pipeline import DefaultSectionSampler, Prompt, SamplingSettings, _model_inputs
+from framepack_core.pipeline import DefaultSectionSampler, Prompt, SamplingSettings, model_inputs
 from framepack_core.synthetic import TINY, random_state_dict
 
 H, W = 8, 12
@@ -94,7 +94,7 @@ def test_generate_one_frame_samples_the_layout(model):
     g = torch.Generator().manual_seed(4)
     embeds = torch.randn(1, 9, TINY.image_dim, generator=g)
     prompt = Prompt(torch.randn(1, 5, TINY.text_dim, generator=g), torch.randn(1, TINY.pooled_dim, generator=g))
-    settings = SamplingSettings(steps=4, seed=7, dtype=torch.float32)
+    settings = SamplingSettings(steps=4, seed=7)
     start, ref, mask = latent(1), latent(2), (torch.rand(H, W, generator=g) > 0.5).float()
     kwargs = dict(references=[Reference(ref, 10, mask)], target_index=2, post=False, use_2x=False)
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_generate_one_frame_samples_the_layout(model):
         ctx = one_frame_context(one_frame_layout([10], 2, post=False, use_2x=False), start, kwargs["references"])
         noise = torch.randn(1, 16, 1, H, W, generator=torch.Generator().manual_seed(7))
         expected = DefaultSectionSampler(model, settings)(
-            noise, _model_inputs(prompt, embeds, ctx, settings, torch.device("cpu")), None, None, None)
+            noise, model_inputs(prompt, embeds, ctx, settings, torch.float32, torch.device("cpu")), None, None, None)
     assert frame.shape == (1, 16, 1, H, W) and torch.isfinite(frame).all()
     assert torch.equal(frame, again)
     assert torch.equal(frame, expected)
@@ -119,3 +119,37 @@ def test_bad_input_is_named():
         one_frame_context(one_frame_layout(), latent(1), start_mask=torch.full((H, W), 2.0))
     with pytest.raises(ValueError, match="same resolution"):
         one_frame_context(one_frame_layout([10]), latent(1), [Reference(torch.zeros(1, 16, 1, H, H), 10)])
+
+
+def test_a_nan_prediction_stops_the_single_frame(model):
+    """A corrupt weight makes the prediction NaN: the frame is not returned black, the error names the weight."""
+    from framepack_core.checks import NonFiniteError
+
+    g = torch.Generator().manual_seed(4)
+    embeds = torch.randn(1, 9, TINY.image_dim, generator=g)
+    prompt = Prompt(torch.randn(1, 5, TINY.text_dim, generator=g), torch.randn(1, TINY.pooled_dim, generator=g))
+    corrupt = FramePackTransformer(TINY).eval().requires_grad_(False)
+    state = random_state_dict(TINY, seed=5)
+    state["proj_out.weight"][0, 0] = float("nan")
+    corrupt.load_state_dict(state)
+    with torch.no_grad(), pytest.raises(NonFiniteError, match=r"single frame.*step 1 of 2.*proj_out.weight"):
+        generate_one_frame(corrupt, latent(1), embeds, prompt, None, SamplingSettings(steps=2))
+
+
+def test_host_hooks_route_every_call(model):
+    """model_call and transformer_options reach every transformer call, as in generate()."""
+    g = torch.Generator().manual_seed(4)
+    embeds = torch.randn(1, 9, TINY.image_dim, generator=g)
+    prompt = Prompt(torch.randn(1, 5, TINY.text_dim, generator=g), torch.randn(1, TINY.pooled_dim, generator=g))
+    settings, seen = SamplingSettings(steps=3), []
+
+    def call(transformer_options, **kwargs):
+        seen.append((transformer_options["tag"], transformer_options["sigmas"].item()))
+        return model(transformer_options=transformer_options, **kwargs)
+
+    with torch.no_grad():
+        plain = generate_one_frame(model, latent(1), embeds, prompt, None, settings)
+        hooked = generate_one_frame(model, latent(1), embeds, prompt, None, settings, model_call=call,
+                                    transformer_options={"tag": "x"})
+    assert torch.equal(plain, hooked) and [t for t, _ in seen] == ["x"] * 3
+    assert [s for _, s in seen] == sorted((s for _, s in seen), reverse=True)

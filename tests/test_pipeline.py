@@ -32,7 +32,7 @@ def inputs():
 
 def run(model, inputs, mode="inverted", n=2, window=3, **kw):
     start, embeds, positive, negative = inputs
-    settings = SamplingSettings(**{"dtype": torch.float32, "steps": 3, **kw.pop("settings", {})})
+    settings = SamplingSettings(**{"steps": 3, **kw.pop("settings", {})})
     with torch.no_grad():
         return generate(model, make_schedule(mode, n, window=window), start, embeds, positive, negative, settings, **kw)
 
@@ -156,6 +156,50 @@ def test_extending_a_video(model, inputs):
         assert frames.shape[0] == 4 * 11 - 3
 
 
+def test_inverted_extension_resolves_its_own_start(model, inputs, caplog):
+    """generate() owns the rule: an inverted extension starts from the video's last frame, so a start latent
+    passed as well (a node always has one) changes nothing and is reported."""
+    video = torch.randn(1, 16, 5, H, W)
+    alone = run(model, (None,) + inputs[1:], n=2, extend_latents=video)
+    with caplog.at_level("WARNING", logger="framepack_core.pipeline"):
+        both = run(model, inputs, n=2, extend_latents=video)
+    assert torch.equal(both.latents, alone.latents)
+    assert "start latent given as well is not used" in caplog.text
+    forward = run(model, inputs, mode="forward", n=2, extend_latents=video)  # forward keeps the given start
+    assert torch.equal(forward.latents[:, :, :5], video)
+
+
+def test_the_negative_prompt_is_dropped_in_one_place(model, inputs):
+    """With cfg 1 the negative is never run or checked (even a malformed one); above 1 it is required."""
+    start, embeds, positive, _ = inputs
+    broken = Prompt(torch.zeros(1, 3, 7), torch.zeros(1, 5))
+    plain = run(model, (start, embeds, positive, None))
+    assert torch.equal(run(model, (start, embeds, positive, broken)).latents, plain.latents)
+    with pytest.raises(ValueError, match="cfg=2.0 needs a negative prompt"):
+        run(model, (start, embeds, positive, None), settings=dict(cfg=2.0))
+    with pytest.raises(ValueError, match="negative"):
+        run(model, (start, embeds, positive, broken), settings=dict(cfg=2.0))
+
+
+def test_the_model_sets_the_compute_dtype(model, inputs):
+    """SamplingSettings has no dtype: the transformer's compute_dtype decides (else its weights' dtype)."""
+    from framepack_core.pipeline import compute_dtype
+
+    class Bf16Model(torch.nn.Module):  # a bf16 model, run here in fp32 so the test needs no bf16 kernels
+        compute_dtype, config, seen = torch.bfloat16, model.config, []
+
+        def forward(self, **kwargs):
+            self.seen += [kwargs["hidden_states"].dtype, kwargs["timestep"].dtype, kwargs["guidance"].dtype]
+            return model(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                            for k, v in kwargs.items()})
+
+    assert compute_dtype(model) == torch.float32 and compute_dtype(torch.nn.Linear(2, 2).half()) == torch.float16
+    assert compute_dtype(lambda **kw: None) == torch.float32
+    bf16 = Bf16Model()
+    run(bf16, inputs, n=1)
+    assert set(bf16.seen) == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(end_latent=torch.zeros(1, 16, 1, 4, 4)), "encode both images at the same resolution"),
     (dict(keyframes={5: torch.zeros(1, 16, 1, H, W)}), "Keyframe section 5 is out of range"),
@@ -181,5 +225,3 @@ def test_bad_start_inputs(model, inputs):
         run(model, (start, embeds[0], positive, negative))
     with pytest.raises(ValueError, match="fps must be > 0"):
         run(model, inputs, fps=0)
-    with pytest.raises(ValueError, match="either start_latent or extend_latents"):
-        run(model, inputs, extend_latents=torch.zeros(1, 16, 3, H, W))

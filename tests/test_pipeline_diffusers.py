@@ -223,7 +223,7 @@ def run_ours(model, inputs, mode, sections, steps, cfg=1.0, shift=None, end_fram
     # computes the start/end mean but never uses it), which is ours without end_image_embeddings
     extra = {"end_latent": inputs["end"]} if end_frame else {}
     settings = SamplingSettings(steps=steps, seed=SEED, distilled_guidance=GUIDANCE, cfg=cfg, shift=shift,
-                                sampler="euler", dtype=torch.float32)
+                                sampler="euler")
     result = generate(model, make_schedule(mode, sections, window=WINDOW, **schedule_kwargs), inputs["start"],
                       inputs["embeds"], inputs["prompt"], inputs["negative"] if cfg != 1.0 else None, settings,
                       on_section=lambda section, video: snapshots.append(video.clone()), **extra)
@@ -270,7 +270,7 @@ def test_section_noise_matches_prepare_latents(oracle, ours, inputs, mode):
     """Each section's noise is the pipeline's prepare_latents draw from the same seeded CPU generator."""
     pipe, sections = oracle(), 3
     drawn = []
-    settings = SamplingSettings(steps=1, seed=SEED, sampler="euler", dtype=torch.float32)
+    settings = SamplingSettings(steps=1, seed=SEED, sampler="euler")
     sampler = DefaultSectionSampler(ours, settings)
 
     def sample_section(noise, *args):

@@ -73,7 +73,7 @@ CASES = [
 @pytest.mark.parametrize("mode, overrides", CASES,
                          ids=["inverted-cfg", "inverted-teacache", "forward-cfg-teacache", "forward-cfg-magcache"])
 def test_resume_is_bit_identical(model, tmp_path, mode, overrides):
-    settings = SamplingSettings(**{"dtype": torch.float32, "steps": 3, "seed": 5, **overrides})
+    settings = SamplingSettings(**{"steps": 3, "seed": 5, **overrides})
     whole = run(model, mode, settings)
     for after in (1, SECTIONS - 1):  # interrupted after the first and after the last-but-one section
         store = ResumeStore(tmp_path / str(after))
@@ -90,7 +90,7 @@ def test_resume_is_bit_identical(model, tmp_path, mode, overrides):
 
 
 def test_states_hold_the_video_so_far(model):
-    settings = SamplingSettings(dtype=torch.float32, steps=2)
+    settings = SamplingSettings(steps=2)
     states = []
     whole = run(model, "inverted", settings, on_state=states.append)
     assert [s.sections_done for s in states] == [1, 2, 3] and all(s.num_sections == 3 for s in states)
@@ -153,7 +153,7 @@ def test_store_prunes_oldest_states_under_the_cap(tmp_path):
 
 def fingerprint(model, mode="inverted", inputs=None, **settings):
     states = []
-    settings = SamplingSettings(**{"dtype": torch.float32, "steps": 1, "cfg": 2.0, **settings})
+    settings = SamplingSettings(**{"steps": 1, "cfg": 2.0, **settings})
     schedule = make_schedule(mode, 1, window=WINDOW)
     inputs = inputs or make_inputs()
     with torch.no_grad():
@@ -181,7 +181,7 @@ def test_any_changed_input_changes_the_fingerprint(model):
 
 
 def test_changed_input_starts_afresh(model, tmp_path):
-    settings = SamplingSettings(dtype=torch.float32, steps=2, seed=5)
+    settings = SamplingSettings(steps=2, seed=5)
     store = ResumeStore(tmp_path)
     interrupted(model, "inverted", settings, 2, store)
     [saved] = tmp_path.glob("*.safetensors")

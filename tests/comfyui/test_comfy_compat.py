@@ -42,3 +42,28 @@ def test_supported_versions_are_declared_for_comfyui(comfy):
 
     config = extract_node_configuration(str(PACK))
     assert config.project.supported_comfyui_version == ">=0.3.64,<0.39"
+
+
+def test_the_loader_can_build_its_model_again_as_comfyui_asks(comfy, compat, tmp_path):
+    """0.38.x rebuilds non-dynamic and multi-GPU copies with ``factory(*args, disable_dynamic=True)`` from
+    ``patcher.cached_patcher_init`` (read only). The factory called that way gives a plain ModelPatcher with
+    the same weights; the attribute is set only where ComfyUI's patchers have it (not in 0.3.64)."""
+    import comfy.model_patcher as model_patcher
+    from models import write_framepack
+
+    loader = sys.modules[comfy.pack["FramePackModelLoader"].__module__]
+    path = str(tmp_path / "framepack.safetensors")
+    write_framepack(path, seed=0)
+    patcher = loader.load_framepack(path, "auto", "sdpa")
+    has_it = hasattr(model_patcher.ModelPatcher(torch.nn.Linear(1, 1), "cpu", "cpu"), "cached_patcher_init")
+    assert hasattr(patcher, "cached_patcher_init") == has_it
+    factory, args = getattr(patcher, "cached_patcher_init", None) or (loader.load_framepack, (path, "auto", "sdpa"))
+    copy = factory(*args, disable_dynamic=True)
+    assert type(copy) is model_patcher.ModelPatcher and copy.model.framepack_source == patcher.model.framepack_source
+    mine, theirs = patcher.model.diffusion_model.state_dict(), copy.model.diffusion_model.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+    class PatcherWithRebuild:  # what 0.38.x patchers carry: cached_patcher_init, None until a loader sets it
+        cached_patcher_init = None
+
+    assert compat.remember_loader(PatcherWithRebuild(), factory, args).cached_patcher_init == (factory, args)

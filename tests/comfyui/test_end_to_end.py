@@ -7,6 +7,7 @@ registered class, its FUNCTION method, keyword inputs (defaults taken from INPUT
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -140,8 +141,9 @@ def test_generate_and_decode_in_process(comfy, pack, checkpoint, vae):
     samples = latent["samples"]
     assert samples.shape == (1, 16, LATENT_FRAMES, H, W)
     assert torch.isfinite(samples).all()
-    assert latent["framepack_sections"] == [(0, 1 + WINDOW), (1 + WINDOW, LATENT_FRAMES)]
     assert (latent["framepack_mode"], latent["framepack_window"]) == ("inverted", WINDOW)
+    decode = sys.modules[pack["FramePackDecode"].__module__]  # the boundaries derive from mode, window, length
+    assert decode.sections_of(latent, 9)[1:] == ("inverted", WINDOW, [(0, 1 + WINDOW), (1 + WINDOW, LATENT_FRAMES)])
     # frame 0 is the start latent, handed back unscaled
     torch.testing.assert_close(samples[:, :, :1], encoded["samples"].float())
 
@@ -184,7 +186,8 @@ def test_forward_f1_schedule_generates_and_decodes(pack, checkpoint, vae):
     latent = sample(pack, model, schedule=schedule)
     assert latent["samples"].shape == (1, 16, LATENT_FRAMES, H, W)
     assert latent["framepack_mode"] == "forward"
-    assert latent["framepack_sections"] == [(1, 1 + WINDOW), (1 + WINDOW, LATENT_FRAMES)]
+    decode = sys.modules[pack["FramePackDecode"].__module__]
+    assert decode.sections_of(latent, 9)[1:] == ("forward", WINDOW, [(1, 1 + WINDOW), (1 + WINDOW, LATENT_FRAMES)])
     frames = run(pack["FramePackDecode"], samples=latent, vae=vae)[0]
     assert frames.shape == (PIXEL_FRAMES, 8 * H, 8 * W, 3)
     assert torch.isfinite(frames).all() and frames.min() >= 0 and frames.max() <= 1
@@ -242,7 +245,6 @@ def generate_like_the_sampler_node(pack, model, inputs):
     low-VRAM state), which would undo a partial load made beforehand; so the partial path is driven here
     through ComfyUI's own loading API and the pack's engine is called as the node calls it.
     """
-    import sys
 
     node = sys.modules[pack["FramePackSampler"].__module__]  # the pack's nodes/sampler.py, as ComfyUI loaded it
     transformer = model.model.diffusion_model
@@ -251,7 +253,7 @@ def generate_like_the_sampler_node(pack, model, inputs):
     settings = node.SamplingSettings(
         steps=inputs["steps"], seed=inputs["seed"], distilled_guidance=inputs["distilled_guidance"],
         cfg=inputs["cfg"], cfg_rescale=inputs["cfg_rescale"], shift=inputs["shift"] or None,
-        sampler=inputs["sampler"], teacache_threshold=inputs["teacache"] or None, dtype=transformer.compute_dtype)
+        sampler=inputs["sampler"], teacache_threshold=inputs["teacache"] or None)
     result = node.generate(
         transformer, schedule.build(config.clean_kernels), node.video_latent(inputs["start_latent"], "start", scale),
         node.image_embeddings(inputs["start_image_embeds"], "start", config),

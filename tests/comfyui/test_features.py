@@ -39,7 +39,7 @@ def test_single_frame_node_gives_a_latent_that_vae_decode_turns_into_an_image(co
     # the node is the engine's generate_one_frame on model-space latents
     engine = sys.modules[pack["FramePackSingleFrame"].__module__]
     transformer, scale = model.model.diffusion_model, model.model.latent_format.scale_factor
-    settings = engine.SamplingSettings(steps=STEPS, seed=3, dtype=transformer.compute_dtype)
+    settings = engine.SamplingSettings(steps=STEPS, seed=3)
     expected = engine.generate_one_frame(
         transformer, start_latent()["samples"] * scale, vision_output()["last_hidden_state"],
         engine.prompt_from_conditioning(conditioning(), "positive", transformer.config), None, settings,
@@ -69,7 +69,7 @@ def test_sampler_follows_a_guide_video(comfy, pack, model, vae):  # noqa: F811
     half = sample(pack, model, guide_latent=guide, denoise=0.5)["samples"]
     assert torch.isfinite(half).all() and not torch.allclose(half, plain) and not torch.allclose(half, kept)
 
-    with pytest.raises(ValueError, match="no guide_latent is connected"):
+    with pytest.raises(ValueError, match="needs guide latents to follow"):
         sample(pack, model, denoise=0.5)
     with pytest.raises(ValueError, match="load a longer guide video"):
         sample(pack, model, guide_latent={"samples": guide["samples"][:, :, :3]}, denoise=0.5)

@@ -67,7 +67,10 @@ def test_block_replacement_is_called_once_per_block_and_step(pack, plain):
         def patch(args, extra):
             calls.append(kind)
             assert set(args) >= {"img", "vec", "pe", "attention_mask", "transformer_options"}
-            assert "sigmas" in args["transformer_options"]
+            options = args["transformer_options"]
+            assert "sigmas" in options
+            assert (options["block_type"] + "_block", options["block_index"]) == kind
+            assert options["total_blocks"] == TINY.num_layers + TINY.num_single_layers
             return extra["original_block"](args)
         return patch
 
@@ -97,7 +100,8 @@ def test_attention_override_replaces_every_attention_call(pack, plain):
     calls = []
 
     def override(func, q, k, v, heads, **kwargs):
-        calls.append(q.shape)
+        options = kwargs.get("transformer_options", {})
+        calls.append((q.shape, options.get("block_type"), options.get("block_index")))
         assert kwargs["skip_reshape"] and q.shape[1] == heads == TINY.num_heads
         return func(q, k, v, heads, **kwargs)
 
@@ -106,6 +110,9 @@ def test_attention_override_replaces_every_attention_call(pack, plain):
 
     assert torch.equal(out, plain)
     assert len(calls) == CALLS * (TINY.num_refiner_layers + TINY.num_layers + TINY.num_single_layers)
+    per_call = ([(None, None)] * TINY.num_refiner_layers + [("double", i) for i in range(TINY.num_layers)]
+                + [("single", i) for i in range(TINY.num_single_layers)])  # the refiner is not a DiT block
+    assert [c[1:] for c in calls] == per_call * CALLS
 
 
 def test_object_patch_of_the_diffusion_model_is_used(comfy, pack, plain):
@@ -135,3 +142,49 @@ def test_stock_torch_compile_node_compiles_the_transformer(comfy, pack, plain):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "the compiled transformer never ran"
     # inductor fuses and reorders float math: the same video up to rounding, compounded over the steps
     torch.testing.assert_close(out, plain, rtol=1e-3, atol=1e-3)
+
+
+def test_patches_reach_the_single_frame_node(comfy, pack):
+    """FramePack Single Frame calls the transformer the same way: wrappers, block replacement and object
+    patches apply, and without them the frame is unchanged."""
+    from comfy.patcher_extension import WrappersMP
+    from test_features import single_frame
+
+    base = load_model(pack)
+    plain_frame = single_frame(pack, base)["samples"]
+    model = base.clone()
+    sigmas, blocks = [], []
+
+    def apply_model_wrapper(executor, x, t, *args, **kwargs):
+        sigmas.append(t.item())
+        return executor(x, t, *args, **kwargs)
+
+    def count_block(args, extra):
+        blocks.append(args["transformer_options"]["sample_sigmas"][len(blocks)].item())
+        return extra["original_block"](args)
+
+    model.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "test", apply_model_wrapper)
+    model.set_model_patch_replace(count_block, "dit", "double_block", 0)
+    assert torch.equal(single_frame(pack, model)["samples"], plain_frame)
+    assert len(sigmas) == STEPS and sigmas == blocks  # once per step, at that step's sigma
+
+    write_framepack(comfy.models / "diffusion_models" / "patches_other.safetensors", seed=5)
+    replacement = load_model(pack, "patches_other.safetensors")
+    patched = base.clone()
+    patched.add_object_patch("diffusion_model", replacement.model.diffusion_model)
+    out = single_frame(pack, patched)["samples"]
+    assert torch.equal(out, single_frame(pack, replacement)["samples"]) and not torch.equal(out, plain_frame)
+
+
+def test_sampler_level_wrappers_are_refused_by_name(comfy, pack):
+    """The stock EasyCache node wraps ComfyUI's sampling loop (OUTER_SAMPLE, CALC_COND_BATCH), which FramePack
+    does not run; both FramePack samplers say so and name the fix instead of failing inside the wrapper."""
+    from test_features import single_frame
+
+    easycache = comfy.nodes.NODE_CLASS_MAPPINGS["EasyCache"]
+    model = easycache.execute(model=load_model(pack), reuse_threshold=0.2, start_percent=0.15, end_percent=0.95,
+                              verbose=False).result[0]
+    for run_node in (lambda: sample(pack, model), lambda: single_frame(pack, model)):
+        with pytest.raises(ValueError, match=r"calc_cond_batch \(easycache\), outer_sample \(easycache\).*remove "
+                           "that node.*cache input"):
+            run_node()
