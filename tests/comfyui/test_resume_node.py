@@ -121,3 +121,46 @@ def test_model_identity_covers_checkpoint_and_lora_patches(comfy, pack, model):
         assert identity(model) != base
     finally:
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_model_identity_covers_model_patches(comfy, pack, model):
+    """A resumed run must not continue another patched model's video: object patches, wrappers, block
+    replacements and the attention override change the identity; the same patches give the same one."""
+    import sys
+
+    from comfy.patcher_extension import WrappersMP
+
+    identity = sys.modules[pack["FramePackSampler"].__module__].model_identity
+
+    def load(name):
+        return run(pack["FramePackModelLoader"], model_name=name, weight_dtype="fp32", attention="sdpa")[0]
+
+    base = identity(model)
+    assert identity(load(CHECKPOINT)) == base  # loaded again: nothing differs
+
+    def wrapper(executor, *args, **kwargs):
+        return executor(*args, **kwargs)
+
+    def block(args, extra):
+        return extra["original_block"](args)
+
+    def attention(func, *args, **kwargs):
+        return func(*args, **kwargs)
+
+    wrapped = model.clone()
+    wrapped.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "test", wrapper)
+    replaced = model.clone()
+    replaced.set_model_patch_replace(block, "dit", "double_block", 0)
+    replaced_other = model.clone()
+    replaced_other.set_model_patch_replace(block, "dit", "double_block", 1)
+    overridden = model.clone()
+    overridden.model_options["transformer_options"]["optimized_attention_override"] = attention
+    write_framepack(comfy.models / "diffusion_models" / "resume_other.safetensors", seed=9)
+    other = load("resume_other.safetensors")
+    patched = model.clone()
+    patched.add_object_patch("diffusion_model", other.model.diffusion_model)
+    identities = [identity(m) for m in (wrapped, replaced, replaced_other, overridden, patched)]
+    assert len(set(identities + [base])) == 6
+    again = model.clone()
+    again.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "test", wrapper)
+    assert identity(again) == identities[0]
