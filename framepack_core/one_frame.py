@@ -54,6 +54,13 @@ class OneFrameLayout:
     indices_4x: Tuple[int, ...]
     post: bool
 
+    def check_weights(self, config) -> None:
+        """Every context level the layout uses has its clean-latent embedder in these weights."""
+        for kernel, indices in ((2, self.indices_2x), (4, self.indices_4x)):
+            if indices and kernel not in config.clean_kernels:
+                raise ValueError(f"These weights have no {kernel}x clean-latent embedder; switch use_{kernel}x off "
+                                 f"(the documented no_{kernel}x).")
+
     def levels(self) -> Tuple[Level, Level, Level]:
         return tuple(Level(k, idx, False, ()) for k, idx in zip((1, 2, 4),
                                                                 (self.clean_indices, self.indices_2x, self.indices_4x)))
@@ -138,6 +145,8 @@ def generate_one_frame(model, start_latent, image_embeddings, prompt, negative=N
     """
     layout = one_frame_layout([r.index for r in references], target_index, window, start_index, post, use_2x, use_4x)
     config = getattr(model, "config", None)
+    if config is not None:
+        layout.check_weights(config)
     check_latent("start_latent", start_latent, config)
     context = one_frame_context(layout, start_latent, references, start_mask)
     check_image_embeddings("image_embeddings", image_embeddings, config)

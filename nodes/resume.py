@@ -39,30 +39,12 @@ def model_identity(patcher):
         fp.add("checkpoint", _files(path)).add("options", options)
     fp.add("compute_dtype", patcher.model.diffusion_model.compute_dtype)
     fp.add("patches", {key: [_plain(p) for p in patches] for key, patches in patcher.patches.items()})
-    fp.add("object_patches", {key: weights_digest(value) if isinstance(value, torch.nn.Module) else _shape_of(value)
-                              for key, value in patcher.object_patches.items()})
-    fp.add("transformer_options", _shape_of(patcher.model_options.get("transformer_options", {})))
-    fp.add("wrappers", _shape_of(patcher.wrappers)).add("callbacks", _shape_of(patcher.callbacks))
+    calls = {"transformer_options": patcher.model_options.get("transformer_options", {}),
+             "wrappers": patcher.wrappers, "callbacks": patcher.callbacks}
+    fp.add("object_patches", {key: weights_digest(value) if isinstance(value, torch.nn.Module)
+                              else _plain(value, open_objects=False) for key, value in patcher.object_patches.items()})
+    fp.add("model_options", _plain(calls, open_objects=False))
     return fp.hexdigest()
-
-
-def _shape_of(value, depth=0):
-    """Model options as hashable values: containers walked, tensors and plain values kept, functions by
-    name, any other object by its type only (it may hold the model itself, or change between runs)."""
-    if isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, float, str, bytes)):
-        return value
-    if depth > 8:
-        return type(value).__qualname__
-    if isinstance(value, dict):
-        return {repr(k): _shape_of(v, depth + 1) for k, v in sorted(value.items(), key=lambda kv: repr(kv[0]))}
-    if isinstance(value, (list, tuple)):
-        return [_shape_of(v, depth + 1) for v in value]
-    if isinstance(value, functools.partial):
-        return ["partial", _shape_of(value.func, depth + 1), _shape_of(value.args, depth + 1),
-                _shape_of(value.keywords, depth + 1)]
-    if callable(value) and hasattr(value, "__qualname__"):
-        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
-    return f"{type(value).__module__}.{type(value).__qualname__}"
 
 
 def _files(path):
@@ -74,18 +56,28 @@ def _files(path):
     return [(os.path.abspath(n), os.stat(n).st_size, os.stat(n).st_mtime_ns) for n in names]
 
 
-def _plain(value):
-    """A patch entry (strengths, LoRA adapter objects, tensors, functions) as values Fingerprint hashes."""
+def _plain(value, open_objects=True, depth=0):
+    """Patch entries and model options as values Fingerprint hashes: containers walked, tensors and plain
+    values kept, functions by module and name. Other objects: with ``open_objects`` (weight patches, e.g.
+    comfy.weight_adapter.LoRAAdapter) by their type and attributes, else (options, which may hold the
+    model itself or change between runs) by their type only."""
     if isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, float, str, bytes)):
         return value
+    if depth > 8:
+        return type(value).__qualname__
+    if isinstance(value, dict):
+        return {repr(k): _plain(v, open_objects, depth + 1)
+                for k, v in sorted(value.items(), key=lambda kv: repr(kv[0]))}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_plain(v, open_objects, depth + 1) for v in value]
     if isinstance(value, (set, frozenset)):
         return sorted(repr(v) for v in value)
-    if isinstance(value, dict):
-        return {repr(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (torch.dtype, torch.device, enum.Enum)) or dataclasses.is_dataclass(value):
         return repr(value)
+    if isinstance(value, functools.partial):
+        return ["partial", *(_plain(v, open_objects, depth + 1) for v in (value.func, value.args, value.keywords))]
     if callable(value) and hasattr(value, "__qualname__"):
         return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
-    return [type(value).__qualname__, _plain(vars(value))]  # e.g. comfy.weight_adapter.LoRAAdapter
+    if open_objects:
+        return [type(value).__qualname__, _plain(vars(value), open_objects, depth + 1)]
+    return f"{type(value).__module__}.{type(value).__qualname__}"

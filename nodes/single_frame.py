@@ -89,13 +89,11 @@ class FramePackSingleFrame(io.ComfyNode):
         references = [] if reference_latent is None else [Reference(
             video_latent(reference_latent, "reference_latent", scale, config, 1), reference_index,
             single_mask(reference_mask, "reference_mask"))]
-        for kernel, wanted in [(2, use_2x), (4, use_4x)]:
-            if wanted and kernel not in config.clean_kernels:
-                raise ValueError(f"These weights have no {kernel}x clean-latent embedder; switch use_{kernel}x off.")
         settings = SamplingSettings(steps=steps, seed=seed, distilled_guidance=distilled_guidance, cfg=cfg,
                                     shift=shift or None, sampler=sampler)
         layout = one_frame_layout([r.index for r in references], target_index, post=use_post, use_2x=use_2x,
                                   use_4x=use_4x)
+        layout.check_weights(config)  # before loading; generate_one_frame checks it again
         tokens = sum(layout.tokens(*start.shape[-2:]))
         model_call, transformer_options = patched_model_call(model)
         mm.load_models_gpu([model], memory_required=section_memory_bytes(config, tokens, unloaded.compute_dtype))

@@ -153,3 +153,14 @@ def test_host_hooks_route_every_call(model):
                                     transformer_options={"tag": "x"})
     assert torch.equal(plain, hooked) and [t for t, _ in seen] == ["x"] * 3
     assert [s for _, s in seen] == sorted((s for _, s in seen), reverse=True)
+
+
+def test_a_level_the_weights_lack_is_named_before_sampling(model):
+    """Weights without a 4x embedder: the default layout is refused up front, naming the switch; no_4x runs."""
+    import dataclasses
+
+    no_4x = dataclasses.replace(TINY, clean_kernels=(1, 2))
+    with pytest.raises(ValueError, match="no 4x clean-latent embedder; switch use_4x off"):
+        one_frame_layout().check_weights(no_4x)
+    one_frame_layout(use_4x=False).check_weights(no_4x)
+    one_frame_layout().check_weights(TINY)
