@@ -1,6 +1,7 @@
 """Project invariants: the core never imports ComfyUI, and the pack root is a valid ComfyUI entry."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,8 +43,24 @@ def test_pack_has_no_top_level_module_shadowing_comfyui():
 
 
 def test_pyproject_has_registry_metadata():
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
 
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert meta["project"]["name"] and meta["project"]["version"]
-    assert meta["tool"]["comfy"]["PublisherId"] and meta["tool"]["comfy"]["DisplayName"]
+    assert meta["project"]["urls"]["Repository"].startswith("https://")
+    comfy = meta["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["Icon"].startswith("https://")
+    assert comfy["Icon"].endswith("/" + "docs/icon.png") and (ROOT / "docs" / "icon.png").is_file()
+    # the registry's format (comfy-cli): operator + major.minor.patch; the lower bound is the oldest tree CI tests
+    assert re.fullmatch(r">=\d+\.\d+\.\d+", comfy["requires-comfyui"]), comfy["requires-comfyui"]
+
+
+def test_published_package_leaves_out_what_does_not_run():
+    ignored = {line.strip() for line in (ROOT / ".comfyignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {"tests/", "bench/", ".ci/"} <= ignored
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert not [name for name in tracked if name.endswith((".whl", ".zip"))], "archives are committed"
