@@ -39,6 +39,8 @@ def _sniff(file, head, size):
     text = head.lstrip()
     if size == 0:
         _fail(file, "is empty (0 bytes)")
+    if size < 8:  # not even a header length: its first bytes (e.g. 0x80, a pickle's) say nothing
+        _fail(file, f"is too short to be a safetensors file ({size} bytes); it is empty or truncated")
     if head.startswith(b"version https://git-lfs"):
         _fail(file, "is a Git LFS pointer (a small text file standing in for the weights), not the weights",
               "Download the real file (`git lfs pull`, or the file's download link).")
@@ -52,8 +54,6 @@ def _sniff(file, head, size):
     if head.startswith(b"GGUF"):
         _fail(file, "is a GGUF file (a quantised format this loader does not read)",
               "Use a .safetensors release (bf16 or fp8).")
-    if size < 8:
-        _fail(file, f"is too short to be a safetensors file ({size} bytes); it is empty or truncated")
     _fail(file, "is not a safetensors file: its first bytes are neither a safetensors header nor another "
           "known format (random or damaged data)")
 
@@ -68,7 +68,8 @@ def read_header(file):
     with open(file, "rb") as f:
         head = f.read(64)
         length = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
-        if head[8:9] != b"{" or not 2 <= length <= MAX_HEADER_BYTES:
+        # the header's JSON follows its length; a file cut right after the length has none of it (truncated)
+        if head[8:9] not in (b"{", b"") or not 2 <= length <= MAX_HEADER_BYTES:
             _sniff(file, head, size)
         if 8 + length > size:
             _fail(file, f"is truncated: its header alone should take {length} bytes but the file has {size}")

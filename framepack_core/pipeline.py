@@ -24,6 +24,7 @@ from .sampling import make_flow_denoiser, noise_to_sigma, sample, sigma_schedule
 log = logging.getLogger(__name__)
 
 MAX_TEXT_TOKENS = 512  # the original pads/crops the LLM hidden states to this length
+VAE_SCALE = 8  # the HunyuanVideo VAE: one latent pixel per 8x8 image pixels (for sizes in messages)
 
 
 @dataclass(frozen=True)
@@ -350,11 +351,26 @@ def _start_and_prefix(mode, start_latent, extend_latents, config):
         return start_latent, None
     check_latent("extend_latents", extend_latents, config, frames=None)
     if mode == "forward":
-        return (extend_latents[:, :, :1] if start_latent is None else start_latent), extend_latents
+        if start_latent is None:
+            return extend_latents[:, :, :1], extend_latents
+        check_latent("start_latent", start_latent, config)
+        _check_extension_size(start_latent.shape, extend_latents.shape)
+        return start_latent, extend_latents
     if start_latent is not None:
         log.warning("[FramePack] an inverted extension starts from the last frame of the video it extends; the "
                     "start latent given as well is not used (its image embeddings should show that last frame).")
     return extend_latents[:, :, -1:], extend_latents[:, :, :-1]
+
+
+def _check_extension_size(start, video):
+    """A forward extension continues the video's frames after the start latent's: both one size."""
+    if start[3:] != video[3:]:
+        (h, w), (vh, vw) = start[3:], video[3:]
+        s = VAE_SCALE
+        raise ValueError(f"extend_latents (the video to extend) is {vh}x{vw} latent ({vh * s}x{vw * s} pixels) but "
+                         f"start_latent is {h}x{w} ({h * s}x{w * s} pixels); a video continues at one size. Encode "
+                         f"the start image at the video's size (scale it to width {vw * s}, height {vh * s} before "
+                         "VAEEncode), or leave start_latent unconnected to start from the video's first frame.")
 
 
 def _guides(schedule, shape, end_latent, keyframes):

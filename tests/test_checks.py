@@ -34,11 +34,11 @@ def inputs():
                 prompt=Prompt(torch.randn(1, 5, TINY.text_dim, generator=g), torch.randn(1, TINY.pooled_dim, generator=g)))
 
 
-def run(model, settings=None, sections=2, **overrides):
+def run(model, settings=None, sections=2, mode="inverted", **overrides):
     kwargs = {**inputs(), **overrides}
     settings = SamplingSettings(**{"steps": 3, **(settings or {})})
     with torch.no_grad():
-        return generate(model, make_schedule("inverted", sections, window=2), settings=settings, **kwargs)
+        return generate(model, make_schedule(mode, sections, window=2), settings=settings, **kwargs)
 
 
 def with_nan(t, value=NAN):
@@ -169,6 +169,18 @@ def test_inputs_are_checked_against_the_model(model, overrides, message):
     with pytest.raises(ValueError, match=message):
         run(model, sample_section=lambda *a: calls.append(a), **overrides(inputs()))
     assert not calls, "nothing is computed before the inputs are checked"
+
+
+def test_forward_extension_of_another_size_than_the_start_is_named_before_any_compute(model):
+    calls = []
+    video = torch.zeros(1, 16, 3, H, W + 2)
+    with pytest.raises(ValueError, match=r"extend_latents \(the video to extend\) is 4x6 latent \(32x48 pixels\) but "
+                       r"start_latent is 4x4 \(32x32 pixels\).*scale it to width 48, height 32 before VAEEncode\), "
+                       "or leave start_latent unconnected"):
+        run(model, mode="forward", sample_section=lambda *a: calls.append(a), extend_latents=video)
+    assert not calls
+    same_size = run(model, mode="forward", extend_latents=torch.zeros(1, 16, 3, H, W))
+    assert torch.isfinite(same_size.latents).all()
 
 
 def test_real_cfg_without_a_negative_prompt(model):

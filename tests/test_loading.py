@@ -328,6 +328,10 @@ def _header_file(path, header, data=b""):
     (lambda p: p.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64)), "is a GGUF file"),
     (lambda p: p.write_bytes(bytes(range(256)) * 8), r"is not a safetensors file: .*\(random or damaged data\)"),
     (lambda p: p.write_bytes(b"\x05\x00"), "is too short to be a safetensors file"),
+    # cut inside or right after the header length: 0x80 is a length byte here, not a pickle's magic
+    (lambda p: p.write_bytes(b"\x80\x02\x00"), r"is too short to be a safetensors file \(3 bytes\).*download it again"),
+    (lambda p: p.write_bytes((640).to_bytes(8, "little")), "is truncated: its header alone should take 640 bytes but "
+     "the file has 8"),
     (lambda p: p.write_bytes((5000).to_bytes(8, "little") + b'{"x": '), "is truncated: its header alone should take 5000"),
     (lambda p: _header_file(p, {"x": {"dtype": "F32", "shape": [2]}}), "has a damaged header entry for tensor 'x'"),
     (lambda p: _header_file(p, {"x": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),

@@ -57,7 +57,8 @@ class ComfyServer:
     def start(self, timeout=180):
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-u", str(self.comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1",
+        # -B: the ComfyUI tree is only read, so no __pycache__ next to its modules
+        command = [sys.executable, "-u", "-B", str(self.comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1",
                    "--port", str(port), "--base-directory", str(self.base), "--preview-method", "latent2rgb",
                    "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--disable-api-nodes"]
         self._log = open(self.log_path, "w")

@@ -4,7 +4,10 @@ ComfyUI is found through ``COMFYUI_PATH`` or by this pack sitting in ``ComfyUI/c
 one, every test here is skipped with that reason, unless ``FRAMEPACK_REQUIRE_COMFYUI`` is set (CI sets it),
 which makes a missing tree an error. ComfyUI runs in this process on the CPU (``--cpu``);
 its built-in nodes are registered and this pack is loaded through ComfyUI's own custom-node loader.
-Model files the tests need are written into a temporary models folder registered with folder_paths.
+Every directory ComfyUI writes to (models, input, output, temp, user) lies under a temporary base directory.
+
+The ComfyUI tree is only read: no bytecode is written next to its modules, and the run fails if any file or
+folder in the tree was added, removed or modified by the time the session ends.
 """
 
 import asyncio
@@ -13,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import read_only_tree
 
 PACK = Path(__file__).resolve().parents[2]
 
@@ -29,6 +34,24 @@ def find_comfyui():
 COMFYUI = find_comfyui()
 SKIP_REASON = ("no ComfyUI tree: set COMFYUI_PATH to a ComfyUI checkout (with its requirements installed) or "
                "put this pack in ComfyUI/custom_nodes/ to run the integration tests")
+
+
+if COMFYUI is not None:
+    sys.dont_write_bytecode = True  # ComfyUI's modules are imported from its tree, which tests only read
+    TREE_BEFORE = read_only_tree.snapshot(COMFYUI)  # before any test module here is imported
+
+
+@pytest.fixture(scope="session", autouse=True)
+def comfyui_tree_is_only_read():
+    """Fails the run (an error at session teardown) when the ComfyUI tree changed while the tests ran."""
+    yield
+    if COMFYUI is None:
+        return
+    changes = read_only_tree.changes(TREE_BEFORE, read_only_tree.snapshot(COMFYUI))
+    if changes:
+        pytest.fail(f"The tests wrote into the ComfyUI tree {COMFYUI}, which they must only read ({len(changes)} "
+                    f"changes: {', '.join(changes[:10])}). Point what wrote it at a temporary folder (ComfyUI's "
+                    "base directory, folder_paths) and run python with -B.", pytrace=False)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -54,6 +77,10 @@ def comfy(tmp_path_factory):
 
     args.cpu = True
     args.disable_all_custom_nodes = True  # only this pack, loaded explicitly below
+    # as --base-directory does, read when folder_paths is imported: core nodes write under these folders when
+    # they load (0.33's Load3D creates input/3d)
+    base = tmp_path_factory.mktemp("comfyui_base")
+    args.base_directory = str(base)
     import comfy.model_management  # noqa: F401  (reads args.cpu at import)
     # As main.py does: ComfyUI's utils package must be imported before `nodes` puts comfy/ (which has a
     # utils.py) first on sys.path, or comfy_extras modules that import `server` fail (e.g. ImageFromBatch).
@@ -62,12 +89,13 @@ def comfy(tmp_path_factory):
     import nodes
 
     assert Path(nodes.__file__).resolve().parent == COMFYUI, f"`nodes` resolved to {nodes.__file__}, not ComfyUI's"
-    models = tmp_path_factory.mktemp("models")
+    folders = [folder_paths.models_dir, folder_paths.get_input_directory(), folder_paths.get_output_directory(),
+               folder_paths.get_temp_directory(), folder_paths.get_user_directory()]
+    assert all(Path(f).parent == base for f in folders), f"folder_paths was imported before its base was set: {folders}"
+    models = Path(folder_paths.models_dir)
     for kind in ("diffusion_models", "diffusers", "vae", "text_encoders", "clip_vision", "loras", "upscale_models",
                  "checkpoints", "controlnet"):
-        (models / kind).mkdir()
-        folder_paths.add_model_folder_path(kind, str(models / kind), is_default=True)
-    folder_paths.set_output_directory(str(tmp_path_factory.mktemp("output")))
+        (models / kind).mkdir(parents=True)
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     before = set(nodes.NODE_CLASS_MAPPINGS)
     assert asyncio.run(nodes.load_custom_node(str(PACK))), "ComfyUI's custom-node loader failed to import the pack"

@@ -1,6 +1,7 @@
-"""nodes/comfy_compat.py against the installed ComfyUI (0.3.64 in CI): the branches that tree has are taken.
+"""nodes/comfy_compat.py against the installed ComfyUI (CI runs 0.3.64 and 0.33.0): each test takes the
+branch the installed tree has, by what it has, never by its version string.
 
-The 0.38.x branches are verified by reading only (README, "Supported ComfyUI versions")."""
+Branches neither tree has are verified by reading only (README, "Supported ComfyUI versions")."""
 
 import sys
 from pathlib import Path
@@ -25,16 +26,40 @@ def test_loaders_use_the_patcher_comfyui_uses(comfy, compat):
         assert expected is model_patcher.ModelPatcher
 
 
-def test_scaled_fp8_uses_comfyui_scaled_fp8_layers(compat):
+def test_quantized_checkpoints_use_the_layers_comfyui_has(compat):
+    """Scaled fp8: comfy.ops' scaled-fp8 layers as stored (0.3.64), else the mixed-precision layers after
+    ``convert_old_quants`` (0.33); comfy_quant: the mixed-precision layers, else the update error."""
     import comfy.ops as comfy_ops
 
     from framepack_core.quantized import Quantization
 
-    quant = Quantization("scaled_fp8", ("a",), dtype=torch.float8_e4m3fn, input_scales=True)
-    operations, convert = compat.quantized_operations(quant, torch.float32, torch.device("cpu"))
-    assert convert is None and issubclass(operations.Linear, comfy_ops.manual_cast.Linear)
-    layer = operations.Linear(4, 4)
-    assert layer.weight.dtype == torch.float8_e4m3fn and layer.scale_input is not None
+    fp8, cpu = torch.float8_e4m3fn, torch.device("cpu")
+    scaled_fp8 = Quantization("scaled_fp8", ("a",), dtype=fp8, input_scales=True)
+    comfy_quant = Quantization("comfy_quant", ("a",))
+    if hasattr(comfy_ops, "scaled_fp8_ops"):
+        operations, convert = compat.quantized_operations(scaled_fp8, torch.float32, cpu)
+        assert convert is None and issubclass(operations.Linear, comfy_ops.manual_cast.Linear)
+        layer = operations.Linear(4, 4)
+        assert layer.weight.dtype == fp8 and layer.scale_input is not None
+    elif hasattr(comfy_ops, "mixed_precision_ops"):
+        operations, convert = compat.quantized_operations(scaled_fp8, torch.float32, cpu)
+        weight = torch.randn(4, 4).to(fp8)
+        state = convert({"scaled_fp8": torch.empty(0, dtype=fp8), "a.weight": weight,
+                         "a.scale_weight": torch.tensor(0.5), "a.scale_input": torch.tensor(2.0)})
+        assert sorted(state) == ["a.comfy_quant", "a.input_scale", "a.weight", "a.weight_scale"]
+        layer = operations.Linear(4, 4, bias=False)
+        layer.load_state_dict({k[len("a."):]: v for k, v in state.items()})
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(layer(x), x @ (weight.float() * 0.5).T)  # CPU: emulated, input scale unused
+    else:
+        with pytest.raises(ValueError, match=r"scaled_fp8 layout.*update ComfyUI to 0\.3\.68 or newer"):
+            compat.quantized_operations(scaled_fp8, torch.float32, cpu)
+    if hasattr(comfy_ops, "mixed_precision_ops"):
+        operations, convert = compat.quantized_operations(comfy_quant, torch.float32, cpu)
+        assert convert is None and issubclass(operations.Linear, comfy_ops.CastWeightBiasOp)
+    else:
+        with pytest.raises(ValueError, match=r"comfy_quant layout.*update ComfyUI to 0\.3\.68 or newer"):
+            compat.quantized_operations(comfy_quant, torch.float32, cpu)
 
 
 def test_supported_versions_are_declared_for_comfyui(comfy):

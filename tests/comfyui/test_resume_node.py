@@ -37,59 +37,72 @@ def saved_states():
     return sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
 
 
-def cancel_at_update(n):
-    """A progress hook that presses ComfyUI's cancel (interrupt_current_processing) when progress reaches n."""
-    import comfy.model_management as mm
+class CancelAtSection:
+    """An APPLY_MODEL wrapper that presses ComfyUI's cancel (interrupt_current_processing) at a known point:
+    the first transformer call of the run's n-th section (the call whose sigma is the schedule's first).
 
-    def hook(value, total, preview, node_id=None):
-        if value == n:
-            mm.interrupt_current_processing(True)
+    Not a progress hook: ComfyUI may throttle those (0.33 calls them at most every 100 ms / 0.5 %), so a
+    cancel pressed from one can land sections later or never. The same wrapper stays on the model for
+    every run, so the resume identity (which covers wrappers) is the same whether it is armed or not."""
 
-    return hook
+    def __init__(self):
+        self.at, self.sections = None, 0
+
+    def arm(self, section):
+        self.at, self.sections = section, 0
+
+    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        import comfy.model_management as mm
+
+        if self.at is not None and torch.all(t == transformer_options["sample_sigmas"][0]):
+            self.sections += 1
+            if self.sections == self.at:
+                self.at = None
+                mm.interrupt_current_processing(True)  # ComfyUI's own checks raise at their next point
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
 def test_cancelled_generation_resumes_where_it_stopped(comfy, pack, model, caplog):
     import comfy.model_management as mm
-    import comfy.utils as comfy_utils
+    from comfy.patcher_extension import WrappersMP
 
+    cancel = CancelAtSection()
+    cancellable = model.clone()
+    cancellable.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "cancel", cancel)
     schedule = make_schedule(pack, sections=SECTIONS, mode="forward")[0]
-    whole = sample(pack, model, schedule=schedule)["samples"]
+    whole = sample(pack, cancellable, schedule=schedule)["samples"]
     assert saved_states() == [], "a finished generation leaves no state behind"
 
-    previous = comfy_utils.PROGRESS_BAR_HOOK
-    for cancel_in_section in (1, SECTIONS - 1):  # cancel during the second and during the last section
-        comfy_utils.set_progress_bar_global_hook(cancel_at_update(cancel_in_section * STEPS + 1))
+    # cancel during the second section of a fresh run, then during the last section of the resumed run
+    # (which starts at the second section, so the last is its second too)
+    for stopped in (1, SECTIONS - 1):
+        cancel.arm(2)
         caplog.clear()
-        try:
-            with caplog.at_level(logging.INFO), pytest.raises(mm.InterruptProcessingException):
-                sample(pack, model, schedule=schedule)
-        finally:
-            comfy_utils.set_progress_bar_global_hook(previous)
+        with caplog.at_level(logging.INFO), pytest.raises(mm.InterruptProcessingException):
+            sample(pack, cancellable, schedule=schedule)
+        assert cancel.at is None, "the cancel was pressed"
         assert len(saved_states()) == 1
-        assert (f"cancelled: {cancel_in_section} of {SECTIONS} sections are saved in {resume_folder()}. Queue the "
+        assert (f"cancelled: {stopped} of {SECTIONS} sections are saved in {resume_folder()}. Queue the "
                 "same generation again to resume") in caplog.text
 
-    # the second cancel happened in a resumed run: queueing again resumes after the last-but-one section
+    # queueing again resumes after the last-but-one section
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        resumed = sample(pack, model, schedule=schedule)["samples"]
+        resumed = sample(pack, cancellable, schedule=schedule)["samples"]
     assert f"resuming after section {SECTIONS - 1} of {SECTIONS}" in caplog.text
     assert torch.equal(resumed, whole)
     assert saved_states() == []
 
     # a changed input (here the seed) does not pick up another generation's state
-    comfy_utils.set_progress_bar_global_hook(cancel_at_update(STEPS + 1))
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            sample(pack, model, schedule=schedule)
-    finally:
-        comfy_utils.set_progress_bar_global_hook(previous)
+    cancel.arm(2)
+    with pytest.raises(mm.InterruptProcessingException):
+        sample(pack, cancellable, schedule=schedule)
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        other = sample(pack, model, schedule=schedule, seed=8)["samples"]
+        other = sample(pack, cancellable, schedule=schedule, seed=8)["samples"]
     assert "resuming" not in caplog.text and not torch.equal(other, whole)
     assert len(saved_states()) == 1, "the cancelled generation's state stays for when it is queued again"
-    assert torch.equal(sample(pack, model, schedule=schedule)["samples"], whole)
+    assert torch.equal(sample(pack, cancellable, schedule=schedule)["samples"], whole)
     assert saved_states() == []
 
 
