@@ -1,99 +1,28 @@
 """The pack inside a real ComfyUI server, driven the way the frontend drives it.
 
-ComfyUI's own ``main.py --cpu`` runs in a child process with a temporary base directory whose
-custom_nodes/ holds this pack and a test-only pair of encoder stand-ins (``standin_encoders/``). The example
-workflows are fetched from the server's template route, converted to API prompts with the server's own
-``/object_info`` and queued through ``POST /prompt``; the websocket reports progress, previews and the end.
+ComfyUI's own ``main.py --cpu`` runs in a child process (the ``server`` fixture of conftest.py) with a
+temporary base directory (``server_base.py``) whose custom_nodes/ holds this pack and a test-only pair of
+encoder stand-ins. The example workflows are fetched from the server's template route, converted to API
+prompts with the server's own ``/object_info`` and queued through ``POST /prompt``; the websocket reports
+progress, previews and the end.
 
-Models are tiny stand-ins written into the base directory and loaded by the real loaders: FramePack
-checkpoints with the real outer widths (16 latent channels, text 4096, pooled 768, SigLIP 1152) through
-FramePack Model Loader, and a random-weight HunyuanVideo VAE through ComfyUI's VAELoader. Text and vision
-encoders become the stand-in nodes. To keep the VAE affordable on a CPU the graphs run at a tiny
-resolution bucket, a 3-frame window and 2 steps; everything else is the example workflows' own.
+Models are tiny stand-ins loaded by the real loaders; text and vision encoders become the stand-in nodes.
+To keep the VAE affordable on a CPU the graphs run at a tiny resolution bucket, a 3-frame window and 2 steps;
+everything else is the example workflows' own.
 """
 
-import dataclasses
 import json
-import shutil
-from pathlib import Path
 
 import av
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from comfy_server import ComfyServer, PromptRejected
+from comfy_server import PromptRejected
 from framepack_core.buckets import nearest_bucket
-from framepack_core.synthetic import TINY
-from models import hunyuan_vae_state_dict, write_framepack
+from server_base import BROKEN, IMAGE_HW, NAN_WEIGHT, PACK, PACK_NAME, VIDEO_FRAMES
 from workflow_api import FRONTEND_ONLY, specs_from_object_info, to_api
 
-HERE = Path(__file__).resolve().parent
-PACK = HERE.parents[1]
-PACK_NAME = "ComfyUI-FramePack"
-# The FramePack transformer's real outer widths around a tiny inner model.
-REAL_WIDTHS = dataclasses.replace(TINY, text_dim=4096, pooled_dim=768, image_dim=1152)
-IMAGE_HW = (24, 40)                   # input images (height, width): landscape, so a swapped axis shows
 RESOLUTION, WINDOW, STEPS = 32, 3, 2  # bucket, latent frames per section, steps per section
 BUCKET = nearest_bucket(*IMAGE_HW, RESOLUTION)
-VIDEO_FRAMES = 13                     # input_video.mp4 (extension, video-to-video guide): 4 latent frames
-BROKEN = "broken_download.safetensors"
-NAN_WEIGHT = "one_nan_weight.safetensors"  # a corrupt checkpoint that loads but predicts NaN
-
-
-def write_image(path, seed):
-    from PIL import Image
-
-    pixels = torch.rand(*IMAGE_HW, 3, generator=torch.Generator().manual_seed(seed))
-    Image.fromarray((pixels * 255).byte().numpy()).save(path)
-
-
-def write_video(path, frames):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=30)
-        stream.height, stream.width, stream.pix_fmt = *IMAGE_HW, "yuv420p"
-        gen = torch.Generator().manual_seed(5)
-        for _ in range(frames):
-            frame = (torch.rand(*IMAGE_HW, 3, generator=gen) * 255).byte().numpy()
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-
-
-@pytest.fixture(scope="module")
-def server(comfy, tmp_path_factory):
-    """A running ComfyUI with the pack, the stand-ins, tiny models and input files; always stopped at the end."""
-    base = tmp_path_factory.mktemp("comfy_base")
-    nodes_dir = base / "custom_nodes"
-    nodes_dir.mkdir()
-    (nodes_dir / PACK_NAME).symlink_to(PACK, target_is_directory=True)
-    shutil.copytree(HERE / "standin_encoders", nodes_dir / "framepack_test_standins")
-    models = base / "models"
-    for kind in ("diffusion_models", "vae"):
-        (models / kind).mkdir(parents=True)
-    with torch.device("cpu"):
-        write_framepack(models / "diffusion_models" / "FramePackI2V_HY_bf16.safetensors", seed=0, config=REAL_WIDTHS)
-        write_framepack(models / "diffusion_models" / "FramePack_F1_I2V_HY_20250503_bf16.safetensors", seed=1,
-                        config=REAL_WIDTHS)
-        good = (models / "diffusion_models" / "FramePackI2V_HY_bf16.safetensors").read_bytes()
-        (models / "diffusion_models" / BROKEN).write_bytes(good[: len(good) // 2])  # an interrupted download
-        state = write_framepack(models / "diffusion_models" / NAN_WEIGHT, seed=0, config=REAL_WIDTHS)
-        state["transformer_blocks.0.attn.to_out.0.weight"][1, 2] = float("nan")
-        save_file(state, str(models / "diffusion_models" / NAN_WEIGHT))
-        vae = {k: v.to(torch.bfloat16) for k, v in hunyuan_vae_state_dict().items()}
-        save_file(vae, str(models / "vae" / "hunyuan_video_vae_bf16.safetensors"))
-    inputs = base / "input"
-    inputs.mkdir()
-    for seed, name in enumerate(["example.png", "end_frame.png", "keyframe_1.png", "keyframe_2.png", "reference.png",
-                                 "start_mask.png", "reference_mask.png"]):
-        write_image(inputs / name, seed)
-    write_video(inputs / "input_video.mp4", VIDEO_FRAMES)
-
-    running = ComfyServer(comfy.path, base)
-    try:
-        running.start()
-        yield running
-    finally:
-        running.stop()
 
 
 def template(server, name):
