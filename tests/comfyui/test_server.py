@@ -11,12 +11,11 @@ To keep the VAE affordable on a CPU the graphs run at a tiny resolution bucket, 
 everything else is the example workflows' own.
 """
 
-import json
+import copy
 
 import av
 import pytest
 
-from comfy_server import PromptRejected
 from framepack_core.buckets import nearest_bucket
 from server_base import BROKEN, IMAGE_HW, NAN_WEIGHT, PACK, PACK_NAME, VIDEO_FRAMES
 from workflow_api import FRONTEND_ONLY, specs_from_object_info, to_api
@@ -195,14 +194,29 @@ def test_nan_prediction_is_an_execution_error_naming_step_and_fix(server, object
     assert server.alive
 
 
-def test_invalid_prompt_is_rejected_with_node_errors(server, object_info):
-    prompt = prompt_for(server, object_info, "image_to_video")
-    prompt[node_of(prompt, "FramePackSchedule")]["inputs"]["mode"] = "backward"
-    with pytest.raises(PromptRejected) as rejected:
-        server.run(prompt)
-    errors = rejected.value.args[0]["node_errors"]
-    assert node_of(prompt, "FramePackSchedule") in errors
-    assert json.dumps(errors).count("mode") >= 1
+def test_a_value_a_combo_does_not_offer_is_rejected_naming_that_input_alone(server, object_info):
+    """On POST /prompt, a missing model file (or any value a FramePack combo does not offer) is a node error
+    naming only that input: the frontend marks red exactly the inputs node_errors name."""
+    checked = set()
+    for name in sorted(p.stem for p in (PACK / "example_workflows").glob("*.json")):
+        prompt = prompt_for(server, object_info, name)
+        for node_id, node in prompt.items():
+            kind = node["class_type"]
+            if object_info[kind]["category"] != "FramePack":
+                continue
+            for input_name, input_type, _ in specs_from_object_info(object_info)(kind):
+                if input_type != "COMBO" or (kind, input_name) in checked:
+                    continue
+                broken = copy.deepcopy(prompt)
+                broken[node_id]["inputs"][input_name] = "not_downloaded.safetensors"
+                status, answer = server.post("/prompt", {"prompt": broken})
+                assert status == 400, answer
+                errors = [(e["type"], e["extra_info"]["input_name"]) for e in answer["node_errors"][node_id]["errors"]]
+                assert errors == [("value_not_in_list", input_name)], (kind, answer["node_errors"][node_id])
+                checked.add((kind, input_name))
+    assert {("FramePackModelLoader", "model_name"), ("FramePackModelLoader", "weight_dtype"),
+            ("FramePackModelLoader", "attention"), ("FramePackSchedule", "mode"), ("FramePackSampler", "sampler"),
+            ("FramePackSampler", "cache"), ("FramePackSingleFrame", "sampler")} <= checked, checked
 
 
 def test_interrupted_run_queued_again_resumes_and_gives_the_uninterrupted_video(server, object_info):
