@@ -55,6 +55,8 @@ class Frontend:
 
     def queue(self, workflow, name):
         """Open ``workflow`` and press Queue: (the body the frontend POSTed to /prompt, HTTP status, answer)."""
+        self.errors.clear()
+        self.refused.clear()
         with self.page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/prompt"),
                                        timeout=TIMEOUT_MS) as answer:
             self.page.evaluate("""async ([workflow, name]) => {
@@ -65,7 +67,7 @@ class Frontend:
         return response.request.post_data_json, response.status, response.json()
 
     def report(self):
-        """The page's errors and refused requests, for assertion messages."""
+        """The page's errors and refused requests since the last queue, for assertion messages."""
         return "\nfrontend console errors:\n  " + "\n  ".join(self.errors[-30:] or ["none"]) + (
             "\nrefused outside requests:\n  " + "\n  ".join(self.refused[-10:] or ["none"]))
 
@@ -74,6 +76,9 @@ class Frontend:
 def frontend(server):
     from playwright.sync_api import sync_playwright
 
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"The frontend test drives the system's Chromium at {CHROMIUM} (Debian: apt-get install chromium); "
+                    "it never downloads a browser.")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
