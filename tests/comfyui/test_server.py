@@ -1,108 +1,31 @@
 """The pack inside a real ComfyUI server, driven the way the frontend drives it.
 
-ComfyUI's own ``main.py --cpu`` runs in a child process with a temporary base directory whose
-custom_nodes/ holds this pack and a test-only pair of encoder stand-ins (``standin_encoders/``). The example
-workflows are fetched from the server's template route, converted to API prompts with the server's own
-``/object_info`` and queued through ``POST /prompt``; the websocket reports progress, previews and the end.
+ComfyUI's own ``main.py --cpu`` runs in a child process (the ``server`` fixture of conftest.py) with a
+temporary base directory (``server_base.py``) whose custom_nodes/ holds this pack and a test-only pair of
+encoder stand-ins. The example workflows are fetched from the server's template route, converted to API
+prompts with the server's own ``/object_info`` and queued through ``POST /prompt``; the websocket reports
+progress, previews and the end.
 
-Models are tiny stand-ins written into the base directory and loaded by the real loaders: FramePack
-checkpoints with the real outer widths (16 latent channels, text 4096, pooled 768, SigLIP 1152) through
-FramePack Model Loader, and a random-weight HunyuanVideo VAE through ComfyUI's VAELoader. Text and vision
-encoders become the stand-in nodes. To keep the VAE affordable on a CPU the graphs run at a tiny
-resolution bucket, a 3-frame window and 2 steps; everything else is the example workflows' own.
+Models are tiny stand-ins loaded by the real loaders; text and vision encoders become the stand-in nodes.
+To keep the VAE affordable on a CPU the graphs run at a tiny resolution bucket, a 3-frame window and 2 steps;
+everything else is the example workflows' own.
 """
 
-import dataclasses
+import copy
 import json
-import shutil
-from pathlib import Path
 
 import av
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from comfy_server import ComfyServer, PromptRejected
 from framepack_core.buckets import nearest_bucket
-from framepack_core.synthetic import TINY
 from framepack_core.cache import load_calibration
-from models import hunyuan_vae_state_dict, rife_state_dict, write_framepack, write_lora
+from server_base import BROKEN, IMAGE_HW, LORA, LORA_LAYERS, NAN_WEIGHT, PACK, PACK_NAME, VIDEO_FRAMES
 from test_workflows import lacks_core_nodes
 from workflow_api import specs_from_object_info, to_api
 
-HERE = Path(__file__).resolve().parent
-PACK = HERE.parents[1]
-PACK_NAME = "ComfyUI-FramePack"
-# The FramePack transformer's real outer widths around a tiny inner model.
-REAL_WIDTHS = dataclasses.replace(TINY, text_dim=4096, pooled_dim=768, image_dim=1152)
-IMAGE_HW = (24, 40)                   # input images (height, width): landscape, so a swapped axis shows
 RESOLUTION, WINDOW, STEPS = 32, 3, 2  # bucket, latent frames per section, steps per section
 BUCKET = nearest_bucket(*IMAGE_HW, RESOLUTION)
-VIDEO_FRAMES = 13                     # input_video.mp4 (extension, video-to-video guide): 4 latent frames
-BROKEN = "broken_download.safetensors"
-NAN_WEIGHT = "one_nan_weight.safetensors"  # a corrupt checkpoint that loads but predicts NaN
-LORA = "framepack_lora.safetensors"   # lora.json's LoRA: a tiny random one for these layers, checkpoint key names
-LORA_LAYERS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_v", "single_transformer_blocks.0.attn.to_k")
-RIFE = "rife_v4.26.safetensors"       # interpolate_60fps.json's frame interpolation model (ComfyUI 0.33+)
 SAMPLING_NODES = ("FramePackSampler", "FramePackMagCacheCalibrate")
-
-
-def write_image(path, seed):
-    from PIL import Image
-
-    pixels = torch.rand(*IMAGE_HW, 3, generator=torch.Generator().manual_seed(seed))
-    Image.fromarray((pixels * 255).byte().numpy()).save(path)
-
-
-def write_video(path, frames):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=30)
-        stream.height, stream.width, stream.pix_fmt = *IMAGE_HW, "yuv420p"
-        gen = torch.Generator().manual_seed(5)
-        for _ in range(frames):
-            frame = (torch.rand(*IMAGE_HW, 3, generator=gen) * 255).byte().numpy()
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-
-
-@pytest.fixture(scope="module")
-def server(comfy, tmp_path_factory):
-    """A running ComfyUI with the pack, the stand-ins, tiny models and input files; always stopped at the end."""
-    base = tmp_path_factory.mktemp("comfy_base")
-    nodes_dir = base / "custom_nodes"
-    nodes_dir.mkdir()
-    (nodes_dir / PACK_NAME).symlink_to(PACK, target_is_directory=True)
-    shutil.copytree(HERE / "standin_encoders", nodes_dir / "framepack_test_standins")
-    models = base / "models"
-    for kind in ("diffusion_models", "vae", "loras", "frame_interpolation"):
-        (models / kind).mkdir(parents=True)
-    with torch.device("cpu"):
-        write_framepack(models / "diffusion_models" / "FramePackI2V_HY_bf16.safetensors", seed=0, config=REAL_WIDTHS)
-        write_framepack(models / "diffusion_models" / "FramePack_F1_I2V_HY_20250503_bf16.safetensors", seed=1,
-                        config=REAL_WIDTHS)
-        good = (models / "diffusion_models" / "FramePackI2V_HY_bf16.safetensors").read_bytes()
-        (models / "diffusion_models" / BROKEN).write_bytes(good[: len(good) // 2])  # an interrupted download
-        state = write_framepack(models / "diffusion_models" / NAN_WEIGHT, seed=0, config=REAL_WIDTHS)
-        state["transformer_blocks.0.attn.to_out.0.weight"][1, 2] = float("nan")
-        save_file(state, str(models / "diffusion_models" / NAN_WEIGHT))
-        vae = {k: v.to(torch.bfloat16) for k, v in hunyuan_vae_state_dict().items()}
-        save_file(vae, str(models / "vae" / "hunyuan_video_vae_bf16.safetensors"))
-        write_lora(models / "loras" / LORA, {layer: "generic" for layer in LORA_LAYERS})
-        if "FrameInterpolationModelLoader" in comfy.nodes.NODE_CLASS_MAPPINGS:  # core frame interpolation
-            save_file(rife_state_dict(), str(models / "frame_interpolation" / RIFE))
-    inputs = base / "input"
-    inputs.mkdir()
-    for seed, name in enumerate(["example.png", "end_frame.png", "keyframe_1.png", "keyframe_2.png", "reference.png",
-                                 "start_mask.png", "reference_mask.png"]):
-        write_image(inputs / name, seed)
-    write_video(inputs / "input_video.mp4", VIDEO_FRAMES)
-
-    running = ComfyServer(comfy.path, base)
-    try:
-        running.start()
-        yield running
-    finally:
-        running.stop()
 
 
 def template(server, name):
@@ -282,14 +205,31 @@ def test_nan_prediction_is_an_execution_error_naming_step_and_fix(server, object
     assert server.alive
 
 
-def test_invalid_prompt_is_rejected_with_node_errors(server, object_info):
-    prompt = prompt_for(server, object_info, "image_to_video")
-    prompt[node_of(prompt, "FramePackSchedule")]["inputs"]["mode"] = "backward"
-    with pytest.raises(PromptRejected) as rejected:
-        server.run(prompt)
-    errors = rejected.value.args[0]["node_errors"]
-    assert node_of(prompt, "FramePackSchedule") in errors
-    assert json.dumps(errors).count("mode") >= 1
+def test_a_value_a_combo_does_not_offer_is_rejected_naming_that_input_alone(server, object_info):
+    """On POST /prompt, a missing model file (or any value a FramePack combo does not offer) is a node error
+    naming only that input: the frontend marks red exactly the inputs node_errors name."""
+    checked = set()
+    for name in sorted(p.stem for p in (PACK / "example_workflows").glob("*.json")):
+        if lacks_core_nodes(name, template(server, name), object_info):
+            continue  # it cannot be queued on this ComfyUI at all
+        prompt = prompt_for(server, object_info, name)
+        for node_id, node in prompt.items():
+            kind = node["class_type"]
+            if object_info[kind]["category"] != "FramePack":
+                continue
+            for input_name, input_type, _ in specs_from_object_info(object_info)(kind):
+                if input_type != "COMBO" or (kind, input_name) in checked:
+                    continue
+                broken = copy.deepcopy(prompt)
+                broken[node_id]["inputs"][input_name] = "not_downloaded.safetensors"
+                status, answer = server.post("/prompt", {"prompt": broken})
+                assert status == 400, answer
+                errors = [(e["type"], e["extra_info"]["input_name"]) for e in answer["node_errors"][node_id]["errors"]]
+                assert errors == [("value_not_in_list", input_name)], (kind, answer["node_errors"][node_id])
+                checked.add((kind, input_name))
+    assert {("FramePackModelLoader", "model_name"), ("FramePackModelLoader", "weight_dtype"),
+            ("FramePackModelLoader", "attention"), ("FramePackSchedule", "mode"), ("FramePackSampler", "sampler"),
+            ("FramePackSampler", "cache"), ("FramePackSingleFrame", "sampler")} <= checked, checked
 
 
 def test_interrupted_run_queued_again_resumes_and_gives_the_uninterrupted_video(server, object_info):
@@ -330,7 +270,7 @@ def test_interrupted_run_queued_again_resumes_and_gives_the_uninterrupted_video(
 
 
 def test_lora_workflow_applies_the_lora_and_it_changes_the_video(server, object_info):
-    prompt = prompt_for(server, object_info, "lora", seed=404)
+    prompt = prompt_for(server, object_info, "lora", sections=1, seed=404)
     lora = node_of(prompt, "FramePackLoraLoader")
     assert prompt[lora]["inputs"]["lora_name"] == LORA
     log_start = len(server.log())
@@ -343,24 +283,24 @@ def test_lora_workflow_applies_the_lora_and_it_changes_the_video(server, object_
     without = server.run(prompt)
     assert without.status == "execution_success", (without.error, server.log_tail())
     frames, plain = video_frames(server, with_lora)[0], video_frames(server, without)[0]
-    assert len(frames) == len(plain) == 4 * (1 + 2 * WINDOW) - 3
+    assert len(frames) == len(plain) == 4 * (1 + WINDOW) - 3
     assert any((a != b).any() for a, b in zip(frames, plain)), "the LoRA did not change the video"
 
 
 def test_magcache_calibration_workflow_writes_a_calibration_the_sampler_uses(server, object_info):
-    prompt = prompt_for(server, object_info, "magcache_calibration", seed=505)
+    prompt = prompt_for(server, object_info, "magcache_calibration", sections=1, seed=505)
     name = prompt[node_of(prompt, "FramePackMagCacheCalibrate")]["inputs"]["filename"] + ".json"
     path = server.base / "models" / "framepack_magcache" / name
     path.unlink(missing_ok=True)
     run = server.run(prompt)
     assert run.status == "execution_success", (run.error, server.log_tail())
-    assert len(load_calibration(path)) == STEPS  # one ratio per step, averaged over the sections
+    assert len(load_calibration(path)) == STEPS  # one ratio per step (averaged over the sections)
     assert json.loads(path.read_text())["mode"] == "inverted"
 
     # the sampler lists it, and samples with it: calibrated for STEPS steps, used at STEPS + 1
     options = server.get("/object_info/FramePackSampler")["FramePackSampler"]["input"]["optional"]
     assert name in options["magcache_calibration"][1]["options"]
-    sampling = prompt_for(server, object_info, "image_to_video", steps=STEPS + 1, seed=505)
+    sampling = prompt_for(server, object_info, "image_to_video", sections=1, steps=STEPS + 1, seed=505)
     sampling[node_of(sampling, "FramePackSampler")]["inputs"].update(cache="magcache", magcache_calibration=name)
     log_start = len(server.log())
     used = server.run(sampling)
@@ -374,11 +314,11 @@ def test_frame_interpolation_workflow_saves_twice_the_frames_at_60_fps(server, o
         return  # this ComfyUI has no core frame interpolation: the nodes are missing and the note says so
     # RIFE pads frames to multiples of 64 by reflection, which needs frames larger than 32 pixels
     resolution = 64
-    prompt = prompt_for(server, object_info, "interpolate_60fps", resolution=resolution)
+    prompt = prompt_for(server, object_info, "interpolate_60fps", sections=1, resolution=resolution)
     run = server.run(prompt)
     assert run.status == "execution_success", (run.error, server.log_tail())
     frames, fps = video_frames(server, run)
-    decoded = 4 * (1 + 2 * WINDOW) - 3
+    decoded = 4 * (1 + WINDOW) - 3
     assert len(frames) == 2 * decoded - 1  # a new frame between every two: the same length at twice the rate
     assert fps == 60
     assert frames[0].shape[:2] == nearest_bucket(*IMAGE_HW, resolution)

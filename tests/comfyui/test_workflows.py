@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import workflow_api
-from workflow_api import FRONTEND_ONLY, input_specs, is_widget, specs_from_classes
+from workflow_api import DYNAMIC_COMBO, FRONTEND_ONLY, UPLOAD, input_specs, is_widget, specs_from_classes
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
@@ -102,17 +102,22 @@ def check_well_formed(workflow, classes):
             continue
         assert node["type"] in classes, f"unknown node type {node['type']}"
         cls = classes[node["type"]]
-        assert [o["type"] for o in node["outputs"]] == output_types(cls), f"{node['type']} outputs"
+        # the frontend matches saved outputs by position: a node that gained outputs since keeps the new ones
+        saved = [o["type"] for o in node["outputs"]]
+        assert saved == output_types(cls)[:len(saved)], f"{node['type']} outputs {saved} != {output_types(cls)}"
+        # ... and saved inputs by name, with the type of the definition's input
         specs = {name: (kind, options) for name, kind, options in input_specs(cls)}
         for input_ in node.get("inputs", []):
-            if input_["type"] == "IMAGEUPLOAD":  # the frontend's upload button of an image/video loader
-                assert input_.get("link") is None
-                continue
-            assert input_["name"] in specs, f"{node['type']} has no input {input_['name']}"
-            kind, options = specs[input_["name"]]
-            assert input_["type"] == kind, f"{node['type']}.{input_['name']}: {input_['type']} != {kind}"
-            if is_widget(kind, options):
-                assert input_.get("widget") == {"name": input_["name"]}, f"{node['type']}.{input_['name']}"
+            name = input_["name"]
+            kind, options = specs.get(name) or specs.get(name.split(".")[0], (None, {}))
+            assert kind is not None, f"{node['type']} has no input {name}"
+            if "." in name:  # a DynamicCombo's sub-input
+                assert kind == DYNAMIC_COMBO, f"{node['type']}.{name}: {name.split('.')[0]} is no DynamicCombo"
+            elif input_.get("link") is not None:
+                assert input_["type"] == kind, f"{node['type']}.{name}: {input_['type']} != {kind}"
+            if input_.get("widget"):
+                assert input_["widget"] == {"name": name} and (is_widget(kind, options) or kind == UPLOAD), (
+                    f"{node['type']}.{name} is no widget")
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +257,21 @@ def test_validation_fails_on_broken_workflows(files):
         to_api(mutate(workflow, classes, "FramePackSampler", drop_seed_control), classes)
     with pytest.raises(AssertionError, match="link"):
         check_well_formed(mutate(workflow, classes, "FramePackSampler", latent_into_embeds), classes)
+
+
+def test_an_upload_value_saved_before_other_widgets_is_caught(files):
+    """The frontend puts an image loader's upload button after all the node's widgets: LoadImageMask values
+    saved in the order image/upload/channel put "image" into channel, which ComfyUI rejects, as on Queue."""
+    classes = files.nodes.NODE_CLASS_MAPPINGS
+    workflow = load(ROOT / "example_workflows" / "single_frame_edit.json")
+    mask = next(n for n in workflow["nodes"] if n["type"] == "LoadImageMask")
+    assert mask["widgets_values"][1:] == ["red", "image"]  # channel, then the upload button
+
+    def upload_before_channel(node, wf):
+        node["widgets_values"] = [node["widgets_values"][0], "image", "red"]
+
+    valid, _, _, node_errors = validate(to_api(mutate(workflow, classes, "LoadImageMask", upload_before_channel),
+                                               classes))
+    errors = node_errors[str(mask["id"])]["errors"]
+    assert not valid and [(e["type"], e["extra_info"]["input_name"]) for e in errors] == [("value_not_in_list",
+                                                                                           "channel")]
