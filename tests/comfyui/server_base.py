@@ -31,7 +31,8 @@ VIDEO_FRAMES = 13                     # input videos (extension, video-to-video 
 BROKEN = "broken_download.safetensors"
 NAN_WEIGHT = "one_nan_weight.safetensors"  # a corrupt checkpoint that loads but predicts NaN
 LORA = "framepack_lora.safetensors"   # lora.json's LoRA, for these layers, with the checkpoint's key names
-LORA_LAYERS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_v", "single_transformer_blocks.0.attn.to_k")
+LORA_LAYERS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_v",
+               "single_transformer_blocks.0.attn.to_k")
 RIFE = "rife_v4.26.safetensors"       # interpolate_60fps.json's frame interpolation model
 
 

@@ -102,9 +102,11 @@ def read_video(path):
 
 
 def video_frames(server, run):
+    """(frames, frame rate) of the run's one mp4."""
     [path] = video_files(server, run)
     with av.open(str(path)) as container:
-        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)], container.streams.video[0].average_rate
+        rate = container.streams.video[0].average_rate
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)], rate
 
 
 # (workflow, mode's sections, latent frames the output video holds)
