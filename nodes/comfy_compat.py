@@ -76,17 +76,23 @@ def quantized_operations(quant, compute_dtype, load_device, fp8_optimizations=Fa
     return operations, convert_state if quant.format == "scaled_fp8" else None
 
 
-def check_combos(node, **values):
-    """A V3 node's ``validate_inputs`` for its combo widgets: True, or what is wrong.
+class _OptionListCombo(io.Combo.Input):
+    """A combo input declared the V1 way: its type is its option list."""
 
-    0.3.64 (tested; execution.py ``validate_inputs``) checks a V1 node's list values when a prompt is
-    queued but not a V3 node's COMBO values, so a mistyped choice would only fail mid-run. 0.38.x (read:
-    execution.py ``validate_inputs``) checks COMBO options itself, and skips the inputs a node's
-    ``validate_inputs`` names, which this check then covers. Linked inputs (values not known yet) and unset optional
-    ones are None and pass.
+    def get_io_type(self):
+        return list(self.options)
+
+
+def combo_input(id, options, **kwargs):
+    """A V3 combo input that ComfyUI checks against its options when a prompt is queued, naming only it.
+
+    ComfyUI with DynamicCombo in its public V3 API (0.33, tested; both came with Comfy-Org/ComfyUI PR #11345,
+    December 2025, read) checks ``io.Combo.Input`` values itself (execution.py ``validate_inputs``), and
+    cannot take an option list as a V3 input's type (``_io.parse_class_inputs`` looks types up in a dict).
+    Older ones (0.3.64, tested) check only V1 combos, whose type is the option list, so there the input is
+    declared that way. A node's ``validate_inputs`` cannot stand in: ComfyUI marks every input the function
+    names when it fails (execution.py ``validate_inputs``, both trees).
     """
-    options = {i.id: i.options for i in node.define_schema().inputs if isinstance(i, io.Combo.Input)}
-    for name, value in values.items():
-        if value is not None and value not in options[name]:
-            return f"Value not in list: {name}: {value!r} not in {options[name]}"
-    return True
+    if hasattr(io, "DynamicCombo"):
+        return io.Combo.Input(id, options=options, **kwargs)
+    return _OptionListCombo(id, options=options, **kwargs)

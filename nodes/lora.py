@@ -14,7 +14,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..framepack_core.lora import FORMATS, convert_lora, describe_keys, read_lora, split_key
-from .comfy_compat import check_combos
+from .comfy_compat import combo_input
 
 
 def lora_choices():
@@ -89,9 +89,9 @@ class FramePackLoraLoader(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="A FramePack model from 'FramePack Model Loader' "
                                "(or from another LoRA loader)."),
-                io.Combo.Input("lora_name", options=lora_choices(), tooltip="LoRA file (.safetensors) in models/loras: "
-                               "FramePack LoRAs (diffusers, PEFT, musubi-tuner) or HunyuanVideo LoRAs (musubi-tuner, "
-                               "diffusion-pipe, ComfyUI)."),
+                combo_input("lora_name", options=lora_choices(), tooltip="LoRA file (.safetensors) in models/loras: "
+                            "FramePack LoRAs (diffusers, PEFT, musubi-tuner) or HunyuanVideo LoRAs (musubi-tuner, "
+                            "diffusion-pipe, ComfyUI)."),
                 io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.01,
                                tooltip="How strongly the LoRA changes the model: 1 as trained, 0 off, "
                                "negative inverts it."),
@@ -99,10 +99,6 @@ class FramePackLoraLoader(io.ComfyNode):
             outputs=[io.Model.Output(tooltip="The FramePack model with the LoRA patched in (applied when the model is "
                                      "loaded, low-VRAM partial loading included).")],
         )
-
-    @classmethod
-    def validate_inputs(cls, lora_name=None):
-        return check_combos(cls, lora_name=lora_name)
 
     @classmethod
     def execute(cls, model, lora_name, strength):

@@ -7,7 +7,6 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..framepack_core.cache import MagCacheCalibration, save_calibration
-from .comfy_compat import check_combos
 from .sampler import MAGCACHE_FOLDER, FramePackSampler, cache_inputs, sampler_inputs
 
 
@@ -33,10 +32,6 @@ class FramePackMagCacheCalibrate(io.ComfyNode):
             ],
             is_output_node=True,
         )
-
-    @classmethod
-    def validate_inputs(cls, sampler=None, cfg_batch=None):
-        return check_combos(cls, sampler=sampler, cfg_batch=cfg_batch)
 
     @classmethod
     def execute(cls, filename, **inputs):

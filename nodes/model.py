@@ -128,21 +128,19 @@ class FramePackModelLoader(io.ComfyNode):
                          "models/diffusion_models (single .safetensors, bf16 or fp8) or models/diffusers (sharded "
                          "folder)."),
             inputs=[
-                io.Combo.Input("model_name", options=model_choices(), tooltip="FramePack transformer weights: a file "
-                               "in models/diffusion_models or a folder in models/diffusers."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="auto", tooltip="Dtype the "
-                               "weights are kept in. auto: as ComfyUI picks for your GPU. fp8 halves memory; "
-                               "fp8_e4m3fn_fast also uses fp8 matrix multiplies on GPUs that support them."),
-                io.Combo.Input("attention", options=list(BACKENDS), default="auto", tooltip="Attention kernel. auto "
-                               "picks sageattention, flash_attn or xformers when installed, else PyTorch SDPA."),
+                comfy_compat.combo_input("model_name", options=model_choices(), tooltip="FramePack transformer "
+                                         "weights: a file in models/diffusion_models or a folder in models/diffusers."),
+                comfy_compat.combo_input("weight_dtype", options=list(WEIGHT_DTYPES), default="auto", tooltip="Dtype "
+                                         "the weights are kept in. auto: as ComfyUI picks for your GPU. fp8 halves "
+                                         "memory; fp8_e4m3fn_fast also uses fp8 matrix multiplies on GPUs that "
+                                         "support them."),
+                comfy_compat.combo_input("attention", options=list(BACKENDS), default="auto", tooltip="Attention "
+                                         "kernel. auto picks sageattention, flash_attn or xformers when installed, "
+                                         "else PyTorch SDPA."),
             ],
             outputs=[io.Model.Output(tooltip="The FramePack transformer, managed by ComfyUI (offloading, low-VRAM "
                                      "partial loading, LoRA).")],
         )
-
-    @classmethod
-    def validate_inputs(cls, model_name=None, weight_dtype=None, attention=None):
-        return comfy_compat.check_combos(cls, model_name=model_name, weight_dtype=weight_dtype, attention=attention)
 
     @classmethod
     def execute(cls, model_name, weight_dtype, attention):

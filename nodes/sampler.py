@@ -17,7 +17,7 @@ from ..framepack_core.checks import check_image_embeddings, check_latent, check_
 from ..framepack_core.model import section_memory_bytes
 from ..framepack_core.pipeline import Prompt, SamplingSettings, TimedPrompt, generate, prepare_inputs
 from ..framepack_core.sampling import SAMPLERS, denoised_steps
-from .comfy_compat import check_combos
+from .comfy_compat import combo_input
 from .keyframe import Keyframes
 from .resume import model_identity, resume_store
 from .schedule import Schedule
@@ -119,8 +119,8 @@ def sampler_inputs():
                        tooltip="Rescale guided predictions toward the positive's std (counters burn)."),
         io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.1, tooltip="Sigma shift; "
                        "0 derives it from the section's token count, as the original does."),
-        io.Combo.Input("sampler", options=list(SAMPLERS), default="unipc_bh1",
-                       tooltip="unipc_bh1 is the original's sampler."),
+        combo_input("sampler", options=list(SAMPLERS), default="unipc_bh1",
+                    tooltip="unipc_bh1 is the original's sampler."),
         io.Float.Input("teacache", default=0.15, min=0.0, max=1.0, step=0.01, tooltip="TeaCache threshold: skips "
                        "steps whose input barely changed. 0.15 about 2x faster, 0.1 about 1.6x; 0 turns it off (best "
                        "hands and fine detail)."),
@@ -160,11 +160,6 @@ class FramePackSampler(io.ComfyNode):
             outputs=[io.Latent.Output(tooltip="The video latents (start frame first). They carry their mode and "
                                       "window, from which FramePack Decode derives the section boundaries.")],
         )
-
-    @classmethod
-    def validate_inputs(cls, sampler=None, cache=None, magcache_calibration=None, cfg_batch=None):
-        return check_combos(cls, sampler=sampler, cache=cache, magcache_calibration=magcache_calibration,
-                            cfg_batch=cfg_batch)
 
     @classmethod
     def execute(cls, model, positive, negative, start_image_embeds, start_latent, schedule, steps, seed,
@@ -240,22 +235,22 @@ def magcache_files():
 def cache_inputs():
     """The sampler's optional cache inputs (the calibration list is read when ComfyUI asks for the inputs)."""
     return [
-        io.Combo.Input("cache", optional=True, options=["teacache", "magcache", "none"], default="teacache",
-                       tooltip="Step cache: teacache uses the teacache threshold above; magcache skips steps by "
-                       "calibrated magnitude ratios (about 2x at 0.1); none computes every step."),
-        io.Combo.Input("magcache_calibration", optional=True, options=magcache_files(), default=BUILTIN_RATIOS,
-                       tooltip="Per-step magnitude ratios: FramePack-Studio's published ones for the FramePack / F1 "
-                       "weights, or a JSON file from FramePack MagCache Calibrate in models/framepack_magcache/. "
-                       "Other step counts are rescaled."),
+        combo_input("cache", optional=True, options=["teacache", "magcache", "none"], default="teacache",
+                    tooltip="Step cache: teacache uses the teacache threshold above; magcache skips steps by "
+                    "calibrated magnitude ratios (about 2x at 0.1); none computes every step."),
+        combo_input("magcache_calibration", optional=True, options=magcache_files(), default=BUILTIN_RATIOS,
+                    tooltip="Per-step magnitude ratios: FramePack-Studio's published ones for the FramePack / F1 "
+                    "weights, or a JSON file from FramePack MagCache Calibrate in models/framepack_magcache/. "
+                    "Other step counts are rescaled."),
         io.Float.Input("magcache_threshold", optional=True, default=0.1, min=0.0, max=1.0, step=0.01,
                        tooltip="MagCache error budget while skipping; higher is faster, 0 never skips."),
         io.Int.Input("magcache_max_skips", optional=True, default=2, min=1, max=10,
                      tooltip="MagCache: most steps skipped in a row."),
         io.Float.Input("magcache_retention", optional=True, default=0.25, min=0.0, max=1.0, step=0.01,
                        tooltip="MagCache: share of the first steps that always compute (they set the layout)."),
-        io.Combo.Input("cfg_batch", optional=True, options=["auto", "batched", "sequential"], default="auto",
-                       tooltip="With cfg above 1: run the positive and negative prompt as one batch (faster, twice "
-                       "the activation memory) or one after the other. auto batches when the free memory holds it."),
+        combo_input("cfg_batch", optional=True, options=["auto", "batched", "sequential"], default="auto",
+                    tooltip="With cfg above 1: run the positive and negative prompt as one batch (faster, twice "
+                    "the activation memory) or one after the other. auto batches when the free memory holds it."),
     ]
 
 

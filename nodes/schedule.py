@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from comfy_api.latest import io
 
 from ..framepack_core.packing import KERNELS, make_schedule, sections_for_length
-from .comfy_compat import check_combos
+from .comfy_compat import combo_input
 
 Schedule = io.Custom("FRAMEPACK_SCHEDULE")
 
@@ -39,9 +39,9 @@ class FramePackSchedule(io.ComfyNode):
             description=("Cuts the video into sections and packs each section's context (1x/2x/4x history) into a "
                          "constant token budget. inverted = anti-drifting (FramePackI2V_HY); forward = F1."),
             inputs=[
-                io.Combo.Input("mode", options=["inverted", "forward"], tooltip="inverted: sample from the end back "
-                               "to the start image (anti-drifting, for FramePackI2V_HY). forward: sample onward from "
-                               "the start (for F1)."),
+                combo_input("mode", options=["inverted", "forward"], tooltip="inverted: sample from the end back "
+                            "to the start image (anti-drifting, for FramePackI2V_HY). forward: sample onward from "
+                            "the start (for F1)."),
                 io.Float.Input("seconds", default=5.0, min=0.1, max=600.0, step=0.1,
                                tooltip="Video length; ignored when sections > 0."),
                 io.Int.Input("sections", default=0, min=0, max=1000,
@@ -70,10 +70,6 @@ class FramePackSchedule(io.ComfyNode):
                 io.String.Output(display_name="token_budget", tooltip="Tokens per section at the given preview size."),
             ],
         )
-
-    @classmethod
-    def validate_inputs(cls, mode=None):
-        return check_combos(cls, mode=mode)
 
     @classmethod
     def execute(cls, mode, seconds, sections, window, fps, history_1x, history_2x, history_4x,

@@ -9,7 +9,7 @@ from ..framepack_core.model import section_memory_bytes
 from ..framepack_core.one_frame import Reference, generate_one_frame, one_frame_layout
 from ..framepack_core.pipeline import SamplingSettings
 from ..framepack_core.sampling import SAMPLERS
-from .comfy_compat import check_combos
+from .comfy_compat import combo_input
 from .sampler import image_embeddings, patched_model_call, prompt_from_conditioning, video_latent
 
 
@@ -56,8 +56,8 @@ class FramePackSingleFrame(io.ComfyNode):
                                tooltip="Real classifier-free guidance; above 1 it also runs the negative prompt."),
                 io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.1,
                                tooltip="Sigma shift; 0 derives it from the frame's token count."),
-                io.Combo.Input("sampler", options=list(SAMPLERS), default="unipc_bh1",
-                               tooltip="unipc_bh1 is the original's sampler."),
+                combo_input("sampler", options=list(SAMPLERS), default="unipc_bh1",
+                            tooltip="unipc_bh1 is the original's sampler."),
                 io.Mask.Input("start_mask", optional=True, tooltip="Keeps the white regions of the start image's "
                               "latent and zeroes the rest (kisekaeichi: the face and body)."),
                 io.Latent.Input("reference_latent", optional=True, tooltip="VAEEncode of a reference image (same size "
@@ -70,10 +70,6 @@ class FramePackSingleFrame(io.ComfyNode):
             outputs=[io.Latent.Output(tooltip="One latent frame; VAEDecode (HunyuanVideo VAE) turns it into an "
                                       "image.")],
         )
-
-    @classmethod
-    def validate_inputs(cls, sampler=None):
-        return check_combos(cls, sampler=sampler)
 
     @classmethod
     def execute(cls, model, positive, negative, image_embeds, start_latent, target_index, use_post, use_2x, use_4x,

@@ -4,7 +4,8 @@ The server runs on the CPU on a free loopback port, with a temporary base direct
 input/, output/, user/) and an in-memory database, so the ComfyUI tree itself is only read. Prompts go in
 through ``POST /prompt``; progress, executing/executed messages, binary latent previews and the final
 ``execution_success`` / ``execution_error`` / ``execution_interrupted`` come back over ``/ws``, exactly
-what the frontend sees.
+what the frontend sees. A run is over at the ``executing`` message with node None, which ComfyUI sends once
+the prompt's history is stored.
 """
 
 import asyncio
@@ -14,6 +15,8 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,16 +104,15 @@ class ComfyServer:
 
     def request(self, method, path, payload=None):
         """(HTTP status, decoded JSON body or None) of one request to the server."""
-        async def go():
-            async with aiohttp.ClientSession() as session:
-                async with session.request(method, self.url + path, json=payload,
-                                           timeout=aiohttp.ClientTimeout(total=60)) as response:
-                    body = await response.text()
-                    return response.status, (json.loads(body) if body else None)
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
         try:
-            return asyncio.run(go())
-        except aiohttp.ClientConnectionError as e:
-            raise ConnectionError(str(e)) from e
+            with urllib.request.urlopen(request, timeout=60) as response:
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as e:
+            status, body = e.code, e.read()
+        return status, (json.loads(body) if body else None)
 
     def get(self, path):
         status, body = self.request("GET", path)
@@ -123,7 +125,8 @@ class ComfyServer:
     # --- running prompts -------------------------------------------------------------------------------
 
     def run(self, prompt, interrupt_when=None, timeout=600):
-        """Queue ``prompt`` and follow it on the websocket until it ends; returns a Run.
+        """Queue ``prompt`` and follow it on the websocket until it ends and its /history entry is stored;
+        returns a Run.
 
         ``interrupt_when(run)`` is checked after every message; the first time it is true, ``POST /interrupt``
         is sent, as the frontend's cancel button does.
@@ -152,14 +155,33 @@ class ComfyServer:
                         run.events.append((body["type"], data))
                         if body["type"] in DONE:
                             run.status = body["type"]
+                        if body["type"] == "executing" and data.get("node") is None and data.get("prompt_id"):
+                            # main.py's prompt_worker sends this after storing the prompt's /history entry;
+                            # the DONE message comes before that
+                            assert run.status, f"prompt ended without {sorted(DONE)}: {run.events}"
                             return run
                     else:
                         raise ConnectionError(f"websocket closed: {message}")
-                    if interrupt_when and not interrupted and interrupt_when(run):
+                    if interrupt_when and not interrupted and not run.status and interrupt_when(run):
                         interrupted = True
                         async with session.post(f"{self.url}/interrupt") as r:
                             assert r.status == 200
         raise ConnectionError("websocket ended before the prompt did")
+
+    def cancel(self, prompt_id, timeout=120):
+        """Take a queued prompt off the queue, or interrupt it while it runs (as the frontend's queue panel
+        does), and return once the server's /queue no longer holds it."""
+        self.post("/queue", {"delete": [prompt_id]})
+        deadline = time.monotonic() + timeout
+        while True:
+            queue = self.get("/queue")
+            running = {item[1] for item in queue["queue_running"]}
+            if prompt_id not in running | {item[1] for item in queue["queue_pending"]}:
+                return
+            assert time.monotonic() < deadline, f"prompt {prompt_id} still queued after {timeout} s"
+            if prompt_id in running:  # again on every poll: a run that starts after an interrupt clears it
+                self.post("/interrupt", {"prompt_id": prompt_id})
+            time.sleep(0.1)
 
     def outputs(self, run):
         """The prompt's outputs as /history reports them: {node id: {"images"|"gifs"|...: [file entries]}}."""

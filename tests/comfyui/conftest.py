@@ -107,3 +107,18 @@ def comfy(tmp_path_factory):
     env = Comfy()
     env.nodes, env.pack, env.models, env.path = nodes, pack, models, COMFYUI
     return env
+
+
+@pytest.fixture(scope="session")
+def server(comfy, tmp_path_factory):
+    """ComfyUI's own main.py serving this pack from a temporary base directory (``server_base.py``, whose VAE
+    is shaped by the in-process ComfyUI), shared by the real-server and frontend tests because starting one
+    costs time; always stopped at the end."""
+    from comfy_server import ComfyServer
+    from server_base import populate
+
+    running = ComfyServer(comfy.path, populate(tmp_path_factory.mktemp("comfy_base")))
+    try:
+        yield running.start()
+    finally:
+        running.stop()

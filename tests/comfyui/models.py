@@ -7,6 +7,7 @@ are imported inside the functions: this file is imported while collecting, when 
 
 import logging
 import math
+import re
 
 import torch
 from safetensors.torch import save_file
@@ -84,4 +85,29 @@ def hunyuan_vae_state_dict(seed=0):
             state[key] = torch.ones(shape) if norm_weight else torch.zeros(shape)
         else:
             state[key] = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+    return state
+
+
+def rife_state_dict(seed=0, width=8):
+    """A tiny random RIFE frame-interpolation model as ComfyUI's Load Frame Interpolation Model reads it.
+
+    Only ComfyUI trees with core frame interpolation (0.33+) have it. Key names are RIFE's own (``encode.*``,
+    ``block0.*`` .. ``block4.*``), which the loader maps onto core's IFNet; the shapes are read off that IFNet
+    with ``width`` channels per block, which the loader infers back from them. Convolutions ~ N(0, 1/fan_in),
+    biases 0, the residual scales (``beta``) 1.
+    """
+    from comfy_extras.frame_interpolation_models.ifnet import IFNet
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in IFNet(head_ch=4, channels=(width,) * 5).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith(".beta"):
+            value = torch.ones(shape)
+        elif len(shape) == 1:
+            value = torch.zeros(shape)
+        else:
+            value = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+        state[re.sub(r"^blocks\.(\d)\.", r"block\1.", key)] = value
     return state

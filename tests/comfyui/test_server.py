@@ -1,99 +1,31 @@
 """The pack inside a real ComfyUI server, driven the way the frontend drives it.
 
-ComfyUI's own ``main.py --cpu`` runs in a child process with a temporary base directory whose
-custom_nodes/ holds this pack and a test-only pair of encoder stand-ins (``standin_encoders/``). The example
-workflows are fetched from the server's template route, converted to API prompts with the server's own
-``/object_info`` and queued through ``POST /prompt``; the websocket reports progress, previews and the end.
+ComfyUI's own ``main.py --cpu`` runs in a child process (the ``server`` fixture of conftest.py) with a
+temporary base directory (``server_base.py``) whose custom_nodes/ holds this pack and a test-only pair of
+encoder stand-ins. The example workflows are fetched from the server's template route, converted to API
+prompts with the server's own ``/object_info`` and queued through ``POST /prompt``; the websocket reports
+progress, previews and the end.
 
-Models are tiny stand-ins written into the base directory and loaded by the real loaders: FramePack
-checkpoints with the real outer widths (16 latent channels, text 4096, pooled 768, SigLIP 1152) through
-FramePack Model Loader, and a random-weight HunyuanVideo VAE through ComfyUI's VAELoader. Text and vision
-encoders become the stand-in nodes. To keep the VAE affordable on a CPU the graphs run at a tiny
-resolution bucket, a 3-frame window and 2 steps; everything else is the example workflows' own.
+Models are tiny stand-ins loaded by the real loaders; text and vision encoders become the stand-in nodes.
+To keep the VAE affordable on a CPU the graphs run at a tiny resolution bucket, a 3-frame window and 2 steps;
+everything else is the example workflows' own.
 """
 
-import dataclasses
+import copy
 import json
-import shutil
-from pathlib import Path
 
 import av
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from comfy_server import ComfyServer, PromptRejected
 from framepack_core.buckets import nearest_bucket
-from framepack_core.synthetic import TINY
-from models import hunyuan_vae_state_dict, write_framepack
-from workflow_api import FRONTEND_ONLY, specs_from_object_info, to_api
+from framepack_core.cache import load_calibration
+from server_base import BROKEN, IMAGE_HW, LORA, LORA_LAYERS, NAN_WEIGHT, PACK, PACK_NAME, VIDEO_FRAMES
+from test_workflows import lacks_core_nodes
+from workflow_api import specs_from_object_info, to_api
 
-HERE = Path(__file__).resolve().parent
-PACK = HERE.parents[1]
-PACK_NAME = "ComfyUI-FramePack"
-# The FramePack transformer's real outer widths around a tiny inner model.
-REAL_WIDTHS = dataclasses.replace(TINY, text_dim=4096, pooled_dim=768, image_dim=1152)
-IMAGE_HW = (24, 40)                   # input images (height, width): landscape, so a swapped axis shows
 RESOLUTION, WINDOW, STEPS = 32, 3, 2  # bucket, latent frames per section, steps per section
 BUCKET = nearest_bucket(*IMAGE_HW, RESOLUTION)
-VIDEO_FRAMES = 13                     # input_video.mp4 (extension, video-to-video guide): 4 latent frames
-BROKEN = "broken_download.safetensors"
-NAN_WEIGHT = "one_nan_weight.safetensors"  # a corrupt checkpoint that loads but predicts NaN
-
-
-def write_image(path, seed):
-    from PIL import Image
-
-    pixels = torch.rand(*IMAGE_HW, 3, generator=torch.Generator().manual_seed(seed))
-    Image.fromarray((pixels * 255).byte().numpy()).save(path)
-
-
-def write_video(path, frames):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=30)
-        stream.height, stream.width, stream.pix_fmt = *IMAGE_HW, "yuv420p"
-        gen = torch.Generator().manual_seed(5)
-        for _ in range(frames):
-            frame = (torch.rand(*IMAGE_HW, 3, generator=gen) * 255).byte().numpy()
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-
-
-@pytest.fixture(scope="module")
-def server(comfy, tmp_path_factory):
-    """A running ComfyUI with the pack, the stand-ins, tiny models and input files; always stopped at the end."""
-    base = tmp_path_factory.mktemp("comfy_base")
-    nodes_dir = base / "custom_nodes"
-    nodes_dir.mkdir()
-    (nodes_dir / PACK_NAME).symlink_to(PACK, target_is_directory=True)
-    shutil.copytree(HERE / "standin_encoders", nodes_dir / "framepack_test_standins")
-    models = base / "models"
-    for kind in ("diffusion_models", "vae"):
-        (models / kind).mkdir(parents=True)
-    with torch.device("cpu"):
-        write_framepack(models / "diffusion_models" / "FramePackI2V_HY_bf16.safetensors", seed=0, config=REAL_WIDTHS)
-        write_framepack(models / "diffusion_models" / "FramePack_F1_I2V_HY_20250503_bf16.safetensors", seed=1,
-                        config=REAL_WIDTHS)
-        good = (models / "diffusion_models" / "FramePackI2V_HY_bf16.safetensors").read_bytes()
-        (models / "diffusion_models" / BROKEN).write_bytes(good[: len(good) // 2])  # an interrupted download
-        state = write_framepack(models / "diffusion_models" / NAN_WEIGHT, seed=0, config=REAL_WIDTHS)
-        state["transformer_blocks.0.attn.to_out.0.weight"][1, 2] = float("nan")
-        save_file(state, str(models / "diffusion_models" / NAN_WEIGHT))
-        vae = {k: v.to(torch.bfloat16) for k, v in hunyuan_vae_state_dict().items()}
-        save_file(vae, str(models / "vae" / "hunyuan_video_vae_bf16.safetensors"))
-    inputs = base / "input"
-    inputs.mkdir()
-    for seed, name in enumerate(["example.png", "end_frame.png", "keyframe_1.png", "keyframe_2.png", "reference.png",
-                                 "start_mask.png", "reference_mask.png"]):
-        write_image(inputs / name, seed)
-    write_video(inputs / "input_video.mp4", VIDEO_FRAMES)
-
-    running = ComfyServer(comfy.path, base)
-    try:
-        running.start()
-        yield running
-    finally:
-        running.stop()
+SAMPLING_NODES = ("FramePackSampler", "FramePackMagCacheCalibrate")
 
 
 def template(server, name):
@@ -114,9 +46,8 @@ def test_server_lists_and_serves_every_example_workflow(server, object_info):
     assert sorted(listed[PACK_NAME]) == names
     for name in names:
         workflow = template(server, name)
-        missing = {n["type"] for n in workflow["nodes"]} - set(object_info) - FRONTEND_ONLY
-        assert not missing, f"{name}: nodes missing on the server: {missing}"
-        to_api(workflow, specs_from_object_info(object_info))  # every widget value lands on a widget
+        if not lacks_core_nodes(name, workflow, object_info):  # else: the nodes it needs are named as missing
+            to_api(workflow, specs_from_object_info(object_info))  # every widget value lands on a widget
 
 
 def test_pack_nodes_load_in_the_server(server, object_info):
@@ -124,11 +55,11 @@ def test_pack_nodes_load_in_the_server(server, object_info):
     assert "IMPORT FAILED" not in server.log(), server.log_tail()
     for node in ("FramePackModelLoader", "FramePackSampler", "FramePackSchedule", "FramePackDecode",
                  "FramePackDecodeToVideo", "FramePackResolutionBucket", "FramePackKeyframe", "FramePackTimedPrompt",
-                 "FramePackLoraLoader", "FramePackSingleFrame"):
+                 "FramePackLoraLoader", "FramePackSingleFrame", "FramePackMagCacheCalibrate"):
         assert object_info[node]["category"] == "FramePack"
 
 
-def prompt_for(server, object_info, name, sections=2, steps=STEPS, seed=None):
+def prompt_for(server, object_info, name, sections=2, steps=STEPS, seed=None, resolution=RESOLUTION):
     """The example workflow ``name`` as an API prompt, with stand-in encoders and test-sized settings."""
     prompt = to_api(template(server, name), specs_from_object_info(object_info))
     for node_id, node in list(prompt.items()):
@@ -141,10 +72,10 @@ def prompt_for(server, object_info, name, sections=2, steps=STEPS, seed=None):
             prompt[node_id] = {"class_type": "StandinVisionEncode",
                                "inputs": {"image": inputs["image"], "crop": inputs["crop"]}}
         elif kind == "FramePackResolutionBucket":
-            inputs["resolution"] = RESOLUTION
+            inputs["resolution"] = resolution
         elif kind == "FramePackSchedule":
             inputs.update(sections=sections, window=WINDOW)
-        elif kind in ("FramePackSampler", "FramePackSingleFrame"):
+        elif kind in (*SAMPLING_NODES, "FramePackSingleFrame"):
             inputs["steps"] = steps
             if seed is not None:
                 inputs["seed"] = seed
@@ -170,6 +101,14 @@ def read_video(path):
     return len(frames), frames[0].shape[:2]
 
 
+def video_frames(server, run):
+    """(frames, frame rate) of the run's one mp4."""
+    [path] = video_files(server, run)
+    with av.open(str(path)) as container:
+        rate = container.streams.video[0].average_rate
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)], rate
+
+
 # (workflow, mode's sections, latent frames the output video holds)
 WORKFLOWS = {
     "image_to_video": (2, 1 + 2 * WINDOW),
@@ -178,6 +117,8 @@ WORKFLOWS = {
     "keyframes_timed_prompts": (4, 1 + 4 * WINDOW),  # keyframes at sections 1 and 3
     "extend_video": (2, (VIDEO_FRAMES + 3) // 4 + 2 * WINDOW),  # the input video, then 2 new sections
     "video_to_video": (1, 1 + WINDOW),  # a guide of 4 latent frames covers one section
+    "lora": (2, 1 + 2 * WINDOW),
+    "magcache_calibration": (2, 1 + 2 * WINDOW),  # the calibration run's uncached video
 }
 
 
@@ -196,7 +137,7 @@ def test_example_workflow_runs_in_the_server(server, object_info, name):
     assert size == BUCKET
 
     # progress over all of the sampler's steps, and latent previews on the way
-    sampler = node_of(prompt, "FramePackSampler")
+    sampler = next(i for i, n in prompt.items() if n["class_type"] in SAMPLING_NODES)
     steps = round(STEPS * prompt[sampler]["inputs"]["denoise"])  # a guided sampler runs the schedule's tail
     progress = [p for p in run.of_type("progress") if p["node"] == sampler]
     assert progress and {p["max"] for p in progress} == {sections * steps}
@@ -266,14 +207,31 @@ def test_nan_prediction_is_an_execution_error_naming_step_and_fix(server, object
     assert server.alive
 
 
-def test_invalid_prompt_is_rejected_with_node_errors(server, object_info):
-    prompt = prompt_for(server, object_info, "image_to_video")
-    prompt[node_of(prompt, "FramePackSchedule")]["inputs"]["mode"] = "backward"
-    with pytest.raises(PromptRejected) as rejected:
-        server.run(prompt)
-    errors = rejected.value.args[0]["node_errors"]
-    assert node_of(prompt, "FramePackSchedule") in errors
-    assert json.dumps(errors).count("mode") >= 1
+def test_a_value_a_combo_does_not_offer_is_rejected_naming_that_input_alone(server, object_info):
+    """On POST /prompt, a missing model file (or any value a FramePack combo does not offer) is a node error
+    naming only that input: the frontend marks red exactly the inputs node_errors name."""
+    checked = set()
+    for name in sorted(p.stem for p in (PACK / "example_workflows").glob("*.json")):
+        if lacks_core_nodes(name, template(server, name), object_info):
+            continue  # it cannot be queued on this ComfyUI at all
+        prompt = prompt_for(server, object_info, name)
+        for node_id, node in prompt.items():
+            kind = node["class_type"]
+            if object_info[kind]["category"] != "FramePack":
+                continue
+            for input_name, input_type, _ in specs_from_object_info(object_info)(kind):
+                if input_type != "COMBO" or (kind, input_name) in checked:
+                    continue
+                broken = copy.deepcopy(prompt)
+                broken[node_id]["inputs"][input_name] = "not_downloaded.safetensors"
+                status, answer = server.post("/prompt", {"prompt": broken})
+                assert status == 400, answer
+                errors = [(e["type"], e["extra_info"]["input_name"]) for e in answer["node_errors"][node_id]["errors"]]
+                assert errors == [("value_not_in_list", input_name)], (kind, answer["node_errors"][node_id])
+                checked.add((kind, input_name))
+    assert {("FramePackModelLoader", "model_name"), ("FramePackModelLoader", "weight_dtype"),
+            ("FramePackModelLoader", "attention"), ("FramePackSchedule", "mode"), ("FramePackSampler", "sampler"),
+            ("FramePackSampler", "cache"), ("FramePackSingleFrame", "sampler")} <= checked, checked
 
 
 def test_interrupted_run_queued_again_resumes_and_gives_the_uninterrupted_video(server, object_info):
@@ -308,11 +266,61 @@ def test_interrupted_run_queued_again_resumes_and_gives_the_uninterrupted_video(
     assert reference.status == "execution_success", (reference.error, server.log_tail())
     assert sampler in {e["node"] for e in reference.of_type("executing") if e.get("node")}
 
-    def frames(run):
-        [path] = video_files(server, run)
-        with av.open(str(path)) as container:
-            return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-
-    resumed, uninterrupted = frames(again), frames(reference)
+    resumed, uninterrupted = video_frames(server, again)[0], video_frames(server, reference)[0]
     assert len(resumed) == len(uninterrupted) == 4 * (1 + sections * WINDOW) - 3
     assert all((a == b).all() for a, b in zip(resumed, uninterrupted))
+
+
+def test_lora_workflow_applies_the_lora_and_it_changes_the_video(server, object_info):
+    prompt = prompt_for(server, object_info, "lora", sections=1, seed=404)
+    lora = node_of(prompt, "FramePackLoraLoader")
+    assert prompt[lora]["inputs"]["lora_name"] == LORA
+    log_start = len(server.log())
+    with_lora = server.run(prompt)
+    assert with_lora.status == "execution_success", (with_lora.error, server.log_tail())
+    n = len(LORA_LAYERS)
+    assert f"[FramePack] LoRA {LORA}: {n} of {n} modules applied" in server.log()[log_start:], server.log_tail()
+
+    prompt[lora]["inputs"]["strength"] = 0.0  # off: the model as loaded
+    without = server.run(prompt)
+    assert without.status == "execution_success", (without.error, server.log_tail())
+    frames, plain = video_frames(server, with_lora)[0], video_frames(server, without)[0]
+    assert len(frames) == len(plain) == 4 * (1 + WINDOW) - 3
+    assert any((a != b).any() for a, b in zip(frames, plain)), "the LoRA did not change the video"
+
+
+def test_magcache_calibration_workflow_writes_a_calibration_the_sampler_uses(server, object_info):
+    prompt = prompt_for(server, object_info, "magcache_calibration", sections=1, seed=505)
+    name = prompt[node_of(prompt, "FramePackMagCacheCalibrate")]["inputs"]["filename"] + ".json"
+    path = server.base / "models" / "framepack_magcache" / name
+    path.unlink(missing_ok=True)
+    run = server.run(prompt)
+    assert run.status == "execution_success", (run.error, server.log_tail())
+    assert len(load_calibration(path)) == STEPS  # one ratio per step (averaged over the sections)
+    assert json.loads(path.read_text())["mode"] == "inverted"
+
+    # the sampler lists it, and samples with it: calibrated for STEPS steps, used at STEPS + 1
+    options = server.get("/object_info/FramePackSampler")["FramePackSampler"]["input"]["optional"]
+    assert name in options["magcache_calibration"][1]["options"]
+    sampling = prompt_for(server, object_info, "image_to_video", sections=1, steps=STEPS + 1, seed=505)
+    sampling[node_of(sampling, "FramePackSampler")]["inputs"].update(cache="magcache", magcache_calibration=name)
+    log_start = len(server.log())
+    used = server.run(sampling)
+    assert used.status == "execution_success", (used.error, server.log_tail())
+    assert f"ratios calibrated for {STEPS} steps, rescaled to {STEPS + 1}" in server.log()[log_start:]
+
+
+def test_frame_interpolation_workflow_saves_twice_the_frames_at_60_fps(server, object_info):
+    workflow = template(server, "interpolate_60fps")
+    if lacks_core_nodes("interpolate_60fps", workflow, object_info):
+        return  # this ComfyUI has no core frame interpolation: the nodes are missing and the note says so
+    # RIFE pads frames to multiples of 64 by reflection, which needs frames larger than 32 pixels
+    resolution = 64
+    prompt = prompt_for(server, object_info, "interpolate_60fps", sections=1, resolution=resolution)
+    run = server.run(prompt)
+    assert run.status == "execution_success", (run.error, server.log_tail())
+    frames, fps = video_frames(server, run)
+    decoded = 4 * (1 + WINDOW) - 3
+    assert len(frames) == 2 * decoded - 1  # a new frame between every two: the same length at twice the rate
+    assert fps == 60
+    assert frames[0].shape[:2] == nearest_bucket(*IMAGE_HW, resolution)
