@@ -225,12 +225,19 @@ class TensorSink:
         return False
 
 
+# x264's macroblock-tree rate control makes different files from the same frames, run to run, on CPUs with
+# AVX-512 (seen with x264 core 165 in PyAV 18.1 wheels; the same build with AVX-512 masked off, or its C code,
+# repeats itself); with it off, the same frames always make the same file.
+X264_REPEATABLE = "mbtree=0"
+
+
 class VideoFileSink:
     """Writes frame chunks to an H.264 mp4 as they arrive (PyAV / libx264, yuv420p).
 
     Frames are (n, H, W, 3) floats in [0, 1], clamped and rounded to uint8 RGB. yuv420p needs even sizes, so
     an odd height or width is padded by repeating the last row/column. ``crf`` is x264's constant rate factor
-    (0 lossless, 16 the original FramePack's default, higher is smaller). ``close()`` finishes the file;
+    (0 lossless, 16 the original FramePack's default, higher is smaller); the same frames always give the
+    same file (``X264_REPEATABLE``). ``close()`` finishes the file;
     ``result()`` closes and returns (path, frames written). A sink that received no frames writes no file.
 
     Crash-safe: the file is a fragmented mp4 (an empty moov up front, then one moof+mdat fragment per
@@ -273,7 +280,10 @@ class VideoFileSink:
         self._container = av.open(self._file, mode="w", format="mp4",
                                   options={"movflags": self.MOVFLAGS, "flush_packets": "1"})
         rate = Fraction(self.fps).limit_denominator(1001)
-        self._stream = self._container.add_stream(self.codec, rate=rate, options={"crf": str(self.crf)})
+        options = {"crf": str(self.crf)}
+        if self.codec == "libx264":
+            options["x264-params"] = X264_REPEATABLE
+        self._stream = self._container.add_stream(self.codec, rate=rate, options=options)
         self._stream.width = width + width % 2
         self._stream.height = height + height % 2
         self._stream.pix_fmt = "yuv420p"

@@ -18,6 +18,10 @@ from .ops import TorchOps
 from .packing import CLEAN_EMBEDDERS
 
 
+# transformer_options key of the per-block hook (see FramePackTransformer._blocks)
+BLOCK_HOOK = "framepack_block_hook"
+
+
 @dataclass(frozen=True)
 class FramePackConfig:
     """Shape of a FramePack transformer; the defaults are the released 13B model."""
@@ -432,9 +436,10 @@ class FramePackTransformer(nn.Module):
         prefix mask (B, N) (None: all valid) and pooled vector (B, pooled_dim). image_embeddings:
         SigLIP last_hidden_state (B, 729, image_dim). Each clean-latent group is optional.
         transformer_options: a host's per-call options, with ComfyUI's conventions: an
-        ``optimized_attention_override`` replaces every attention kernel, and
+        ``optimized_attention_override`` replaces every attention kernel,
         ``patches_replace["dit"][("double_block", i)]`` / ``[("single_block", i)]`` replace a block
-        (see ``_run_blocks``). None or {}: the plain forward.
+        and ``options[BLOCK_HOOK]`` sees each block before it runs (see ``_blocks``). None or {}: the
+        plain forward.
         cache: a step-cache state (``cache.TeaCache(...).start(steps)``) for batch 1, or a list of one state
         per sample; samples whose state says "skip" reuse their cached residual, the others compute.
         """
@@ -491,10 +496,15 @@ class FramePackTransformer(nn.Module):
         {"img"} (single, where "img" is the joined image + text sequence).
         Each block's transformer_options also say where it is ("block_type" "double" / "single",
         "block_index", "total_blocks"), as newer ComfyUI DiTs set them for patches and attention overrides.
+        ``options[BLOCK_HOOK]``, when set, is called once with every block in the order they run and may
+        return a function, which is then called with each block just before it runs (replaced or not)
+        and with None after the last: how a host streams a block's weights in ahead of its compute.
         """
         backend = self.attention_backend
         replace = options.get("patches_replace", {}).get("dit", {})
         total = len(self.transformer_blocks) + len(self.single_transformer_blocks)
+        hook = options.get(BLOCK_HOOK)
+        before_block = hook([*self.transformer_blocks, *self.single_transformer_blocks]) if hook else None
 
         def where(kind, i):
             block_options = {**options, "block_type": kind, "block_index": i, "total_blocks": total}
@@ -502,6 +512,8 @@ class FramePackTransformer(nn.Module):
                                    "transformer_options": block_options}
 
         for i, block in enumerate(self.transformer_blocks):
+            if before_block:
+                before_block(block)
             block_options, common = where("double", i)
             if ("double_block", i) in replace:
                 def run(args, block=block):
@@ -516,6 +528,8 @@ class FramePackTransformer(nn.Module):
         n = x.shape[1]
         tokens = torch.cat([x, ctx], 1)
         for i, block in enumerate(self.single_transformer_blocks):
+            if before_block:
+                before_block(block)
             block_options, common = where("single", i)
             if ("single_block", i) in replace:
                 def run(args, block=block):
@@ -525,6 +539,8 @@ class FramePackTransformer(nn.Module):
                 tokens = replace[("single_block", i)]({"img": tokens, **common}, {"original_block": run})["img"]
             else:
                 tokens = block(tokens, temb, rope, lengths, backend, block_options)
+        if before_block:
+            before_block(None)
         return tokens[:, :n]
 
     def _run_blocks(self, x, ctx, temb, rope, lengths, cache, options):

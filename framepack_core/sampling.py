@@ -154,6 +154,23 @@ def batch_conditions(positive, negative):
     return batched
 
 
+def condition_of_batch(batched, index):
+    """Sample ``index`` of ``batch_conditions``' output, as a batch of 1 (0: the positive, 1: the negative).
+
+    Per-sample tensors are sliced, frame indices stay shared and the cache state list gives that sample's
+    state. The prompt keeps its zero padding, masked, which the model crops: the result computes exactly
+    what that sample alone computes (how a host can run the two halves of a batched CFG call apart).
+    """
+    sample = {}
+    for key, value in batched.items():
+        if key == "cache":
+            value = None if value is None else [value[index]]
+        elif isinstance(value, torch.Tensor) and not key.endswith("_indices"):
+            value = value[index : index + 1]
+        sample[key] = value
+    return sample
+
+
 def _padded_text(*texts):
     """Concatenate (hidden states, mask or None) pairs along the batch, zero-padding the tokens at the end."""
     length = max(t.shape[1] for t, _ in texts)

@@ -11,6 +11,13 @@ import comfy.ops
 import comfy.utils
 from comfy_api.latest import io
 
+from ..framepack_core.model import BLOCK_HOOK
+
+try:  # Dynamic VRAM's weight prefetch for DiT block loops
+    import comfy.model_prefetch as model_prefetch
+except ImportError:
+    model_prefetch = None
+
 # comfy_quant checkpoints and comfy.ops.mixed_precision_ops arrived with Comfy-Org/ComfyUI PR #10498
 # (merged late October 2025), first released in this version
 MIXED_PRECISION_MIN_VERSION = "0.3.68"
@@ -96,3 +103,28 @@ def combo_input(id, options, **kwargs):
     if hasattr(io, "DynamicCombo"):
         return io.Combo.Input(id, options=options, **kwargs)
     return _OptionListCombo(id, options=options, **kwargs)
+
+
+def with_block_prefetch(transformer_options, patcher, device):
+    """``transformer_options`` for one FramePack transformer call on ``device``, with Dynamic VRAM's weight
+    prefetch as ComfyUI's own DiTs get it.
+
+    0.33 (tested on the CPU; read: comfy/model_base.py ``_apply_model``, comfy/model_prefetch.py,
+    comfy/ldm/minimax/model.py and comfy/ldm/lightricks/av_model.py block loops): core sets
+    ``prefetch_dynamic_vbars`` from ``current_patcher.is_dynamic()``, and DiTs make a prefetch queue over
+    their blocks, pop it before each block and with None after the last. FramePack replaces ``_apply_model``,
+    so this sets the same flag and hands the transformer a block hook (framepack_core ``BLOCK_HOOK``) doing
+    the same over its dual- then single-stream blocks. ComfyUI makes no queue, and popping None does nothing,
+    unless the patcher is dynamic and the device has offload streams (CUDA / ROCm with comfy-aimdo).
+    0.3.64 (tested): no ``comfy.model_prefetch``; the options stay as they are.
+    """
+    if model_prefetch is None:
+        return transformer_options
+    options = {**transformer_options, "prefetch_dynamic_vbars": patcher is not None and patcher.is_dynamic()}
+
+    def block_hook(blocks):
+        queue = model_prefetch.make_prefetch_queue(list(blocks), device, options)
+        return lambda block: model_prefetch.prefetch_queue_pop(queue, device, block)
+
+    options[BLOCK_HOOK] = block_hook
+    return options

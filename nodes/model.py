@@ -55,6 +55,7 @@ class FramePackModel(comfy.model_base.BaseModel):
         if "encoder_hidden_states" not in inputs:
             raise RuntimeError("A FramePack MODEL samples video section by section with packed context: connect "
                                "it to the 'FramePack Sampler' node, not to KSampler or SamplerCustom.")
+        transformer_options = comfy_compat.with_block_prefetch(transformer_options, self.current_patcher, x.device)
         wrappers = comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
                                                             transformer_options)
         executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(

@@ -19,6 +19,7 @@ from ..framepack_core.pipeline import Prompt, SamplingSettings, TimedPrompt, gen
 from ..framepack_core.sampling import SAMPLERS, denoised_steps
 from .comfy_compat import combo_input
 from .keyframe import Keyframes
+from .multigpu import CFGSplit, negative_work_unit
 from .resume import model_identity, resume_store
 from .schedule import Schedule
 from .timed_prompt import TimedPrompts
@@ -194,9 +195,14 @@ class FramePackSampler(io.ComfyNode):
         tokens = plan.token_budget(height, width).total_tokens
         memory = lambda batch: section_memory_bytes(config, tokens, unloaded.compute_dtype, batch=batch)  # noqa: E731
         model_call, transformer_options = patched_model_call(model)
-        mm.load_models_gpu([model], memory_required=memory(1))
+        unit = negative_work_unit(model, cfg)  # MultiGPU CFG Split: the device that runs the negative prompt
+        patchers = [model] + ([unit] if unit else [])
+        mm.load_models_gpu(patchers, memory_required=memory(1))
         transformer = model.get_model_object("diffusion_model")  # read again once loaded, object patches applied
-        batched = cfg != 1.0 and choose_cfg_batch(cfg_batch, mm.get_free_memory(model.load_device), memory(2))
+        if unit is None:
+            batched = cfg != 1.0 and choose_cfg_batch(cfg_batch, mm.get_free_memory(model.load_device), memory(2))
+        else:  # CFGSplit runs the two halves of each batched call on the two devices
+            batched = True
         settings = dataclasses.replace(settings, cfg_batch=batched)
         section_steps = steps if inputs["guide_latents"] is None else max(denoised_steps(steps, denoise), 1)
         total = len(plan) * section_steps
@@ -207,8 +213,11 @@ class FramePackSampler(io.ComfyNode):
             preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
             pbar.update_absolute(section * section_steps + step + 1, total, preview)
 
-        model.pre_run()  # as ComfyUI's samplers do: current_patcher and ON_PRE_RUN callbacks
+        for patcher in patchers:
+            patcher.pre_run()  # as ComfyUI's samplers do: current_patcher and ON_PRE_RUN callbacks
         saved = SavedSections(resume_store(), len(plan)) if resume else None
+        if unit is not None:
+            model_call = CFGSplit(model_call, patched_model_call(unit)[0], unit.load_device)
         try:
             result = generate(transformer, plan, settings=settings, fps=schedule.fps, on_step=on_step,
                               interrupt=mm.throw_exception_if_processing_interrupted, device=model.load_device,
@@ -220,7 +229,10 @@ class FramePackSampler(io.ComfyNode):
                 saved.report_stop(e)
             raise
         finally:
-            model.cleanup()
+            for patcher in patchers:
+                patcher.cleanup()
+            if unit is not None:
+                model_call.close()
         if saved is not None:
             saved.store.delete(result.fingerprint)
         # FramePack Decode derives the section boundaries from the mode, the window and the length

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from framepack_core.cache import MagCache, TeaCache
-from framepack_core.sampling import batch_conditions
+from framepack_core.sampling import batch_conditions, condition_of_batch
+from framepack_core.synthetic import TINY, section_inputs
 from test_cache import generate_tiny, settings, tiny  # noqa: F401  (tiny is a fixture)
 
 
@@ -44,3 +45,20 @@ def test_batch_conditions_pads_text_and_checks_shared_inputs():
         batch_conditions(positive, {**negative, "latent_indices": torch.arange(1, 4)})
     with pytest.raises(ValueError, match="Only one of the positive and negative"):
         batch_conditions(positive, {**negative, "cache": None})
+
+
+def test_each_half_of_a_batch_computes_what_its_condition_alone_computes(tiny):  # noqa: F811
+    model = tiny[0]
+    positive = section_inputs(TINY, text_lengths=[6], seed=1)
+    negative = {**positive, **{k: v for k, v in section_inputs(TINY, text_lengths=[3], seed=2).items()
+                               if k in ("encoder_hidden_states", "encoder_attention_mask", "pooled_projections")}}
+    x, t = positive.pop("hidden_states"), positive.pop("timestep")
+    negative = {k: v for k, v in negative.items() if k not in ("hidden_states", "timestep")}
+    caches = [TeaCache(0.15).start(2) for _ in range(4)]
+    both = batch_conditions({**positive, "cache": caches[0]}, {**negative, "cache": caches[1]})
+    with torch.no_grad():
+        for index, (condition, cache) in enumerate([(positive, caches[2]), (negative, caches[3])]):
+            half = condition_of_batch(both, index)
+            assert half["cache"] == [caches[index]] and torch.equal(half["latent_indices"], both["latent_indices"])
+            alone = model(hidden_states=x, timestep=t, **condition, cache=cache)
+            assert torch.equal(model(hidden_states=x, timestep=t, **half), alone)
