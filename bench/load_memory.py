@@ -227,7 +227,7 @@ def child(case, path, option, extra):
 
 
 def make_checkpoint(out):
-    """The bf16 single file and the sharded folder of one random model; returns (file, folder, config)."""
+    """The bf16 single file and the sharded 3-shard folder of one random model (reused when --keep left them)."""
     sys.path.insert(0, str(ROOT))
     from framepack_core.model import FramePackConfig
     from framepack_core.synthetic import random_state_dict, save_diffusers_folder, save_single_file
