@@ -324,17 +324,19 @@ def load_transformer(path, compute_dtype=None, storage_dtype=None, operations=No
 
     stored = [FLOAT_DTYPES[d] for k, (_, d) in own.items() if not (quant and quant.is_extra(k))]
     compute_dtype = compute_dtype or _compute_dtype_for(stored)
+    targets = {}  # key -> the dtype it is converted to; absent: kept as stored
+    for key, (shape, dtype) in shapes.items():
+        name = key[len(prefix):]
+        if key.startswith(prefix) and not (quant is not None and quant.keeps_dtype(name)):
+            target = _storage_dtype(name, FLOAT_DTYPES[dtype], len(shape), storage_dtype, compute_dtype, fp32_output)
+            if target != FLOAT_DTYPES[dtype]:
+                targets[key] = target
     state = {}
-    for file, keys in _read_batches(files, shapes, prefix):
+    for file, keys in _read_batches(files, shapes, prefix, targets):
         with open_safetensors(file) as f:
             for key in keys:
                 tensor = f.get_tensor(key)
-                name = key[len(prefix):]
-                if quant is not None and quant.keeps_dtype(name):
-                    state[name] = tensor
-                else:
-                    state[name] = tensor.to(_storage_dtype(name, tensor.dtype, tensor.ndim, storage_dtype,
-                                                           compute_dtype, fp32_output))
+                state[key[len(prefix):]] = tensor.to(targets[key]) if key in targets else tensor
     if quant is not None:
         state.update(quant.metadata_tensors())
     if convert_state is not None:
@@ -388,22 +390,28 @@ def _check_against_model(own, expected):
                               "download it again.")
 
 
-def _read_batches(files, shapes, prefix, batches=16):
-    """(file, keys) batches of about 1/``batches`` of the checkpoint each.
+def _read_batches(files, shapes, prefix, targets, batches=16):
+    """(file, keys) groups to read with one opening (one mapping of the file) each.
 
-    safetensors maps the file; tensors read without a dtype change stay views of that map (one copy), but
-    when they are converted the mapped pages would stay resident until the file is closed. Closing and
-    reopening it every batch keeps host memory near one copy of the converted weights.
+    safetensors maps the whole file and its tensors are views of that mapping: a page read through it stays
+    resident for as long as any view of the mapping lives. So per file the tensors kept as stored (no key in
+    ``targets``) come first, all from one mapping that nothing else reads: until used they cost a page or so
+    each (and the kernel's fault-around), then only their own pages. The converted ones follow in batches of about 1/``batches`` of the converted bytes,
+    each from a mapping that no tensor outlives, so the pages read while converting are released batch by
+    batch and host memory stays near one copy of the result.
     """
     def nbytes(key):
         shape, dtype = shapes[key]
         return math.prod(shape) * ITEM_SIZES[dtype]
 
-    batch_bytes = sum(nbytes(k) for k in shapes if k.startswith(prefix)) / batches
+    batch_bytes = sum(nbytes(k) for k in targets) / batches
     for file in files:
         keys = [k for k in read_header(file) if k.startswith(prefix)]
+        kept = [k for k in keys if k not in targets]
+        if kept:
+            yield file, kept
         batch, size = [], 0
-        for key in keys:
+        for key in (k for k in keys if k in targets):
             batch.append(key)
             size += nbytes(key)
             if size >= batch_bytes:

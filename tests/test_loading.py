@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from safetensors.torch import save_file
 
 from oracle import diffusers_reference, relative_error, run_reference
 from framepack_core.loading import CheckpointError, load_transformer, read_key_shapes
+from framepack_core.model import FramePackConfig
 from framepack_core.ops import CastOps, TorchOps
 from framepack_core.synthetic import MEDIUM, TINY, random_state_dict, save_diffusers_folder, save_single_file, section_inputs
 
@@ -90,6 +92,55 @@ def test_fp8_storage_from_bf16_file(tiny_file, reference):
     kwargs = section_inputs(TINY)
     with torch.no_grad():
         assert relative_error(model(**kwargs), run_reference(reference, kwargs)) < 0.1  # fp8 rounding only
+
+
+def file_mappings(files):
+    """(regions, resident bytes) of this process's memory maps of ``files``, from /proc/self/smaps."""
+    names = {str(Path(f).resolve()) for f in files}
+    regions = resident = 0
+    mapped = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):  # a region's header: address range ... path
+            parts = line.split(maxsplit=5)
+            mapped = len(parts) == 6 and parts[5] in names
+            regions += mapped
+        elif mapped and line.startswith("Rss:"):
+            resident += int(line.split()[1]) * 1024
+    return regions, resident
+
+
+# real head size, few blocks: the fp8 matrices outweigh the many small norms and biases, as in the real model
+WIDE = FramePackConfig(num_heads=4, head_dim=128, num_layers=1, num_single_layers=1, num_refiner_layers=1,
+                       text_dim=64, pooled_dim=32, image_dim=64)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads Linux's /proc/self/smaps")
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_fp8_from_bf16_holds_one_copy(tmp_path, layout):
+    """Converting a bf16 checkpoint to fp8 keeps about one copy of the result (issue #17: it was 2.16x).
+
+    The tensors that stay bf16 (norms, biases, embedders) are views of the file's mapping, and a page read
+    through a mapping stays resident while any view of it lives: the pages read while converting must come
+    from mappings that no kept tensor outlives. Resident = the converted tensors (copies) + the mapped
+    pages once every weight was read (the kernel also maps up to 64 KiB around each page it faults in).
+    """
+    state = random_state_dict(WIDE, dtype=torch.bfloat16)
+    if layout == "file":
+        files = [save_single_file(tmp_path / "m.safetensors", state)]
+        path = files[0]
+    else:
+        path = save_diffusers_folder(tmp_path / "m", state, WIDE, shards=3)
+        files = sorted(path.glob("*.safetensors"))
+    model = load_transformer(path, storage_dtype=torch.float8_e4m3fn)
+    weights = list(model.state_dict().values())
+    assert {torch.float8_e4m3fn, torch.bfloat16} <= {t.dtype for t in weights}  # converted and kept ones
+    regions, _ = file_mappings(files)
+    assert regions <= len(files), f"{regions} mappings of {len(files)} files outlive the load"
+    for t in weights:
+        t.reshape(-1).view(torch.uint8)[::4096].sum()  # read every page once
+    copies = sum(t.nbytes for t in weights if t.dtype != torch.bfloat16)
+    ratio = (copies + file_mappings(files)[1]) / sum(t.nbytes for t in weights)
+    assert ratio <= 1.15, f"{ratio:.2f}x the weights resident"
 
 
 def test_same_dtype_uses_plain_layers(tiny_file):
