@@ -275,6 +275,26 @@ def _compute_dtype_for(stored):
     return max(set(stored), key=stored.count) if stored else torch.float32
 
 
+def _layout(path, shapes):
+    """(prefix, {key without prefix: (shape, dtype)}, FramePackConfig) of a checkpoint, from its headers."""
+    extra = {}
+    if path.is_dir() and (path / "config.json").is_file():
+        extra = read_json(path / "config.json", "model config")
+    prefix = find_prefix(shapes)
+    own = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    return prefix, own, infer_config({k: shape for k, (shape, _) in own.items()}, extra)
+
+
+def read_config(path):
+    """The FramePackConfig of the checkpoint at ``path`` (file or diffusers folder), read from its headers
+    (and config.json) only: no weight is read."""
+    path = Path(path)
+    try:
+        return _layout(path, read_key_shapes(path))[2]
+    except CheckpointError as e:
+        raise CheckpointError(str(e) if str(e).startswith(path.name) else f"{path.name}: {e}") from None
+
+
 def load_transformer(path, compute_dtype=None, storage_dtype=None, operations=None, attention_backend="sdpa",
                      fp32_output=True, device="cpu", convert_state=None):
     """Load a FramePack transformer.
@@ -293,17 +313,12 @@ def load_transformer(path, compute_dtype=None, storage_dtype=None, operations=No
     """
     path = Path(path)
     files = _safetensors_files(path)
-    extra = {}
-    if path.is_dir() and (path / "config.json").is_file():
-        extra = read_json(path / "config.json", "model config")
     shapes = read_key_shapes(path)
     try:
-        prefix = find_prefix(shapes)
-        own = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+        prefix, own, config = _layout(path, shapes)
         foreign = len(shapes) - len(own)
         if foreign:
             log.warning("%s: ignoring %d tensors outside the transformer (prefix %r).", path.name, foreign, prefix)
-        config = infer_config({k: shape for k, (shape, _) in own.items()}, extra)
         quant = _quantization(path, shapes, prefix)
         integers = non_float({k: v for k, v in own.items() if not (quant and quant.is_extra(k))})
         if integers:

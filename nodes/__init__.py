@@ -1,6 +1,6 @@
 """ComfyUI nodes of the FramePack pack, on ComfyUI's V3 schema. Thin glue: all math lives in ``framepack_core``.
 
-ComfyUI's loader (0.3.64 and 0.38.x alike) registers a pack through ``NODE_CLASS_MAPPINGS`` when it has
+ComfyUI's loader (0.3.64, 0.33 and 0.38.x alike) registers a pack through ``NODE_CLASS_MAPPINGS`` when it has
 them and only otherwise calls ``comfy_entrypoint``, so offering both never registers a node twice.
 """
 

@@ -1,9 +1,9 @@
-"""Every difference between the ComfyUI versions this pack supports (0.3.64 to 0.38.x), in one place.
+"""Every difference between the ComfyUI versions this pack supports (0.3.64 and newer), in one place.
 
-Each function picks its branch by what the installed ComfyUI has, never by its version string. The
-branches 0.3.64 takes run in the test suite (tests/comfyui, against ../shared/comfyui). The 0.38.x
-branches were verified by reading ComfyUI 0.38.x sources only; each function names the files read, and
-the README lists them under "Supported ComfyUI versions".
+Each function picks its branch by what the installed ComfyUI has, never by its version string. CI runs the
+test suite (tests/comfyui) against two full trees, 0.3.64 (October 2025) and 0.33.0 (August 2026), so every
+branch here runs in a test on the tree that has it. Newer ComfyUI (0.38.x) was read file by file; each
+function names the files read, and the README lists them under "Supported ComfyUI versions".
 """
 
 import comfy.model_patcher
@@ -26,7 +26,7 @@ MIXED_PRECISION_MIN_VERSION = "0.3.68"
 def model_patcher_class(disable_dynamic=False):
     """The patcher ComfyUI's own model loaders use.
 
-    0.38.x (read: comfy/model_patcher.py, main.py, comfy/clip_vision.py): ``CoreModelPatcher`` is
+    0.33 (tested; 0.38.x read: comfy/model_patcher.py, main.py, comfy/clip_vision.py): ``CoreModelPatcher`` is
     ``ModelPatcher``, rebound at start-up to ``ModelPatcherDynamic`` when Dynamic VRAM (comfy-aimdo) is
     on; loaders build ``CoreModelPatcher(model, load_device=..., offload_device=...)``, and a plain
     ``ModelPatcher`` when asked for a non-dynamic copy (``disable_dynamic``).
@@ -40,11 +40,11 @@ def model_patcher_class(disable_dynamic=False):
 def remember_loader(patcher, factory, args):
     """Tell ComfyUI how to build this model again, where it asks.
 
-    0.38.x (read: comfy/model_patcher.py ``clone(disable_dynamic=True)``, ``get_non_dynamic_delegate``,
-    ``deepclone_multigpu``): a dynamic patcher makes its non-dynamic and multi-GPU copies by calling
-    ``factory(*args, disable_dynamic=...)`` from ``patcher.cached_patcher_init``; without it those copies
-    (hooked conditioning in core's CFGGuider, multi-GPU nodes) raise "cached_patcher_init is not
-    initialized". 0.3.64 (tested): patchers have no such attribute and nothing is set.
+    0.33 (tested; 0.38.x read: comfy/model_patcher.py ``clone(disable_dynamic=True)``,
+    ``get_non_dynamic_delegate``, ``deepclone_multigpu``): a dynamic patcher makes its non-dynamic and
+    multi-GPU copies by calling ``factory(*args, disable_dynamic=...)`` from ``patcher.cached_patcher_init``;
+    without it those copies (hooked conditioning in core's CFGGuider, multi-GPU nodes) raise
+    "cached_patcher_init is not initialized". 0.3.64 (tested): patchers have no such attribute and nothing is set.
     """
     if hasattr(patcher, "cached_patcher_init"):
         patcher.cached_patcher_init = (factory, args)
@@ -56,7 +56,7 @@ def quantized_operations(quant, compute_dtype, load_device, fp8_optimizations=Fa
 
     - Scaled fp8 where ``comfy.ops.scaled_fp8_ops`` exists (0.3.64, tested): its Linear holds
       ``scale_weight`` / ``scale_input`` parameters and reads the tensors as stored (no conversion).
-    - Otherwise ComfyUI's mixed-precision layers (0.38.x, read: comfy/ops.py ``mixed_precision_ops``,
+    - Otherwise ComfyUI's mixed-precision layers (0.33, tested; 0.38.x read: comfy/ops.py ``mixed_precision_ops``,
       ``_load_quantized_module``, ``pick_operations(..., model_config=)``; comfy/utils.py
       ``convert_old_quants``; comfy/quant_ops.py): ``convert_old_quants`` turns scaled fp8 into
       per-layer ``comfy_quant`` configs with ``weight_scale`` / ``input_scale``, which those layers read.

@@ -21,7 +21,9 @@ import torch
 from comfy_api.latest import io
 
 from ..framepack_core.attention import BACKENDS
-from ..framepack_core.loading import SAFETENSORS_DTYPES, load_transformer, read_key_shapes, read_quantization
+from ..framepack_core.loading import (SAFETENSORS_DTYPES, load_transformer, read_config, read_key_shapes,
+                                      read_quantization)
+from ..framepack_core.model import FramePackTransformer
 from . import comfy_compat
 
 WEIGHT_DTYPES = {
@@ -83,13 +85,17 @@ def resolve_model_path(name):
     return folder_paths.get_full_path_or_raise("diffusion_models", name)
 
 
-def load_framepack(path, weight_dtype="auto", attention="auto", disable_dynamic=False):
+def load_framepack(path, weight_dtype="auto", attention="auto", disable_dynamic=False, read_weights=True):
     """ModelPatcher holding a FramePack transformer built with comfy.ops layers (``disable_dynamic``: a plain
-    ModelPatcher even where Dynamic VRAM is on, as ComfyUI asks its loaders for a non-dynamic copy)."""
+    ModelPatcher even where Dynamic VRAM is on, as ComfyUI asks its loaders for a non-dynamic copy).
+
+    ``read_weights=False`` builds the model without reading a weight (its tensors stay on the meta device):
+    a copy that ``read_weights_of`` fills once it is used, see ``rebuild_framepack``.
+    """
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     quant = read_quantization(path)
     storage = WEIGHT_DTYPES[weight_dtype]
-    if quant is not None and storage is not None:
+    if quant is not None and storage is not None and read_weights:
         logging.warning("[FramePack] %s is quantized (%s): its quantized layers keep their stored format and "
                         "weight_dtype %s is not applied; the other layers use ComfyUI's automatic dtype.",
                         os.path.basename(path), quant.format, weight_dtype)
@@ -107,15 +113,50 @@ def load_framepack(path, weight_dtype="auto", attention="auto", disable_dynamic=
         operations = comfy.ops.pick_operations(storage, compute, load_device=load_device, fp8_optimizations=fast_fp8)
     else:
         operations, convert_state = comfy_compat.quantized_operations(quant, compute, load_device, fast_fp8)
-    transformer = load_transformer(path, compute_dtype=compute, storage_dtype=storage, operations=operations,
-                                   attention_backend=attention, device=offload_device, convert_state=convert_state)
+    if read_weights:
+        transformer = load_transformer(path, compute_dtype=compute, storage_dtype=storage, operations=operations,
+                                       attention_backend=attention, device=offload_device, convert_state=convert_state)
+    else:
+        with torch.device("meta"):
+            transformer = FramePackTransformer(read_config(path), operations=operations, attention_backend=attention,
+                                               compute_dtype=compute,
+                                               dtype=None if quant is not None else storage)
     config = FramePackModelConfig(FramePackModelConfig.unet_config)  # BASE() sets unet_config from its argument
     config.set_inference_dtype(storage, None if compute == storage else compute)
     model = FramePackModel(transformer, config, device=offload_device)
     model.framepack_source = (path, {"weight_dtype": weight_dtype, "attention": attention})  # resume identity
     patcher = comfy_compat.model_patcher_class(disable_dynamic)(model, load_device=load_device,
                                                                 offload_device=offload_device)
-    return comfy_compat.remember_loader(patcher, load_framepack, (path, weight_dtype, attention))
+    return comfy_compat.remember_loader(patcher, rebuild_framepack, (path, weight_dtype, attention))
+
+
+def rebuild_framepack(path, weight_dtype, attention, disable_dynamic=False):
+    """The loader's factory for the copies ComfyUI builds of a FramePack MODEL (``cached_patcher_init``).
+
+    A non-dynamic copy (``disable_dynamic``) is used as soon as it is made: it is loaded whole. Any other is a
+    work unit of MultiGPU CFG Split, made for every extra GPU before anything knows whether FramePack will use
+    it (only with cfg > 1, and only one): it is built without reading its weights, and FramePack Sampler reads
+    them (``read_weights_of``) only for the copy it samples with, so unused copies cost no disk read and no
+    memory.
+    """
+    if disable_dynamic:
+        return load_framepack(path, weight_dtype, attention, disable_dynamic=True)
+    return load_framepack(path, weight_dtype, attention, read_weights=False)
+
+
+def has_weights(patcher):
+    return not any(t.is_meta for t in patcher.model.diffusion_model.parameters())
+
+
+def read_weights_of(patcher):
+    """Give a copy built without weights (``rebuild_framepack``) its transformer, read from its checkpoint."""
+    if has_weights(patcher):
+        return patcher
+    path, options = patcher.model.framepack_source
+    loaded = load_framepack(path, options["weight_dtype"], options["attention"], disable_dynamic=True)
+    patcher.model.diffusion_model = loaded.model.diffusion_model
+    patcher.size = 0  # measured again from the real tensors
+    return patcher
 
 
 class FramePackModelLoader(io.ComfyNode):

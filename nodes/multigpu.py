@@ -4,7 +4,8 @@ That node gives a MODEL copies of its model on other devices. Core's samplers th
 of each step over the devices; with real CFG (cfg > 1) FramePack has two per step, the positive and the
 negative prompt, so here the positive runs on the MODEL's device while the negative runs at the same time on
 the first work unit's device. With cfg 1 there is nothing to split: FramePack samples on one device and the
-copies are neither loaded nor used.
+copies are neither loaded nor used. The copies are built without their weights (``model.rebuild_framepack``):
+only the one the negative prompt runs on reads them, so unused copies cost no disk read and no memory.
 
 Read (0.33): comfy_extras/nodes_multigpu.py ``MultiGPUCFGSplitNode``; comfy/multigpu.py
 ``create_multigpu_deepclones`` (one copy per extra device, built through the loader's ``cached_patcher_init``,
@@ -21,6 +22,7 @@ import logging
 import torch
 
 from ..framepack_core.sampling import condition_of_batch
+from .model import read_weights_of
 
 WORK_UNITS = "multigpu"  # the additional-models key MultiGPU CFG Split lists its copies under
 
@@ -35,22 +37,30 @@ def negative_work_unit(model, cfg):
 
     Says in the log which devices sample, and which copies stay unused.
     """
+    if cfg == 1.0:
+        one_device(model, "with cfg 1 there is no negative prompt")
+        return None
     units = work_units(model)
     if not units:
         return None
-    if cfg == 1.0:
-        logging.info("[FramePack] FramePack samples on one device (%s): MultiGPU CFG Split runs the positive and the "
-                     "negative prompt on separate devices, and with cfg 1 there is no negative prompt. Its copies on "
-                     "%s are not loaded; remove MultiGPU CFG Split to save their memory and checkpoint reads.",
-                     model.load_device, ", ".join(str(u.load_device) for u in units))
-        return None
     model.match_multigpu_clones()  # as core's samplers do: the copies get the MODEL's current patches
-    unit, *idle = work_units(model)
+    unit, *idle = units
+    read_weights_of(unit)  # built without weights: this copy is used, so it reads them now
     logging.info("[FramePack] CFG split over two devices: the positive prompt on %s, the negative on %s.%s",
                  model.load_device, unit.load_device,
-                 f" The copies on {', '.join(str(u.load_device) for u in idle)} are not loaded: FramePack has "
-                 "two conditionings per step." if idle else "")
+                 f" The copies on {', '.join(str(u.load_device) for u in idle)} are not loaded and their weights "
+                 "never read: FramePack has two conditionings per step." if idle else "")
     return unit
+
+
+def one_device(model, why):
+    """Say in the log that this run samples on the MODEL's device alone although it has work units."""
+    units = work_units(model)
+    if units:
+        logging.info("[FramePack] FramePack samples on one device (%s): MultiGPU CFG Split runs the positive and the "
+                     "negative prompt on separate devices, and %s. Its copies on %s are not loaded and their "
+                     "weights are never read; MultiGPU CFG Split is not needed here.",
+                     model.load_device, why, ", ".join(str(u.load_device) for u in units))
 
 
 class CFGSplit:

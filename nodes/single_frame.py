@@ -10,6 +10,7 @@ from ..framepack_core.one_frame import Reference, generate_one_frame, one_frame_
 from ..framepack_core.pipeline import SamplingSettings
 from ..framepack_core.sampling import SAMPLERS
 from .comfy_compat import combo_input
+from .multigpu import one_device
 from .sampler import image_embeddings, patched_model_call, prompt_from_conditioning, video_latent
 
 
@@ -92,6 +93,7 @@ class FramePackSingleFrame(io.ComfyNode):
         layout.check_weights(config)  # before loading; generate_one_frame checks it again
         tokens = sum(layout.tokens(*start.shape[-2:]))
         model_call, transformer_options = patched_model_call(model)
+        one_device(model, "FramePack Single Frame does not split them")  # a MODEL from MultiGPU CFG Split
         mm.load_models_gpu([model], memory_required=section_memory_bytes(config, tokens, unloaded.compute_dtype))
         transformer = model.get_model_object("diffusion_model")  # read again once loaded, object patches applied
         pbar = comfy.utils.ProgressBar(steps)

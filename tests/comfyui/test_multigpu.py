@@ -8,6 +8,7 @@ show: the two halves overlapping in time (the speed-up) and the copies living on
 """
 
 import logging
+import sys
 import threading
 
 import pytest
@@ -55,6 +56,11 @@ def record_calls(model):
     return calls
 
 
+def weights_read(pack, unit):
+    """Whether a work unit's transformer holds weights (copies are built without, and read them when used)."""
+    return sys.modules[pack["FramePackModelLoader"].__module__].has_weights(unit)
+
+
 def loaded_patchers():
     import comfy.model_management as mm
 
@@ -79,12 +85,14 @@ def test_cfg_split_over_two_work_units_gives_the_sequential_result(pack, caplog)
     model = load_model(pack).clone()
     calls = record_calls(model)
     split = with_cpu_work_unit(model)
+    [unit] = split.get_additional_models_with_key("multigpu")
+    assert not weights_read(pack, unit), "a work unit is built without reading its checkpoint"
     with caplog.at_level(logging.INFO):
         out = sample(pack, split, cfg=CFG)["samples"]
+    assert weights_read(pack, unit), "the copy the negative prompt ran on read its weights"
 
     assert torch.equal(out, reference), "each device computes its prompt exactly as one device does alone"
     assert "[FramePack] CFG split over two devices: the positive prompt on cpu, the negative on cpu." in caplog.text
-    [unit] = split.get_additional_models_with_key("multigpu")
     main_model, unit_model = split.model.diffusion_model, unit.model.diffusion_model
     assert main_model is not unit_model
     assert sorted((obj is unit_model, cond, on_main) for obj, cond, on_main in calls) == (
@@ -105,6 +113,25 @@ def test_cfg_1_samples_on_one_device_and_never_loads_the_copy(pack, caplog):
 
     assert torch.equal(out, plain)
     assert "[FramePack] FramePack samples on one device (cpu)" in caplog.text
-    assert "Its copies on cpu are not loaded" in caplog.text
+    assert "Its copies on cpu are not loaded and their weights are never read" in caplog.text
+    assert not weights_read(pack, unit), "an unused copy never reads its checkpoint"
     assert all(obj is split.model.diffusion_model for obj, _, _ in calls) and len(calls) == SECTIONS * STEPS
     assert unit not in loaded_patchers() and not any(p.model is unit.model for p in loaded_patchers())
+
+
+def test_single_frame_samples_on_one_device_and_never_reads_the_copy(pack, caplog):
+    from test_features import single_frame
+
+    if not has_work_units():
+        assert "MultiGPU_WorkUnits" not in pack
+        return
+    plain = single_frame(pack, load_model(pack), cfg=CFG)["samples"]
+    split = with_cpu_work_unit(load_model(pack).clone())
+    [unit] = split.get_additional_models_with_key("multigpu")
+    with caplog.at_level(logging.INFO):
+        out = single_frame(pack, split, cfg=CFG)["samples"]
+
+    assert torch.equal(out, plain)
+    assert "[FramePack] FramePack samples on one device (cpu)" in caplog.text
+    assert "FramePack Single Frame does not split them" in caplog.text
+    assert not weights_read(pack, unit)
