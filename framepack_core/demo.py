@@ -1,9 +1,15 @@
-"""A whole FramePack generation on CPU with a tiny random model: ``python -m framepack_core.demo``.
+"""A whole FramePack generation on CPU with the project's tiny trained model: ``python -m framepack_core.demo``.
 
-Random weights make noise, not a picture: this shows the machinery (anti-drifting section order, the
-constant per-section token budget, flat time and memory per section, streamed decoding to mp4). Real
-videos need the released FramePack weights, the HunyuanVideo VAE and the text/vision encoders, which the
-ComfyUI nodes load.
+The model (``train.WEIGHTS``, trained by ``python -m framepack_core.train``) knows the procedural world of
+world.py: coloured shapes sliding in the prompt's direction and bouncing off the walls. From a held-out start
+frame the demo generates a multi-section video in both modes, inverted (anti-drifting) and forward (F1),
+through the real ``generate()``, section decode and mp4 writer, and writes them side by side with the true
+continuation (truth | inverted | forward). It prints each mode's error against the truth.
+
+``--random`` runs a tiny model with random weights instead (noise, not a picture): the machinery alone,
+with the per-section token budget, time and peak memory, which stay flat however long the video.
+Real videos need the released FramePack weights, the HunyuanVideo VAE and the text/vision encoders, which
+the ComfyUI nodes load.
 """
 
 import argparse
@@ -12,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+from . import train, world
 from .decode import VideoFileSink, decode_sections
+from .loading import load_transformer
 from .model import FramePackTransformer
-from .packing import make_schedule, sections_for_length
+from .packing import MODES, make_schedule, sections_for_length
 from .pipeline import Prompt, SamplingSettings, generate
 from .synthetic import TINY, random_state_dict
 
@@ -81,14 +89,80 @@ def print_rows(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=4.0, help="video length (30 fps)")
-    parser.add_argument("--window", type=int, default=9, help="latent frames per section")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--size", type=int, nargs=2, default=(32, 48), metavar=("H", "W"), help="latent size")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random", action="store_true", help="a random-weight model instead of the trained one")
+    parser.add_argument("--sections", type=int, default=6, help="sections per video (trained model)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: 25 trained, 6 random)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; the trained demo's start is held-out clip SEED")
     parser.add_argument("--out", default="framepack_demo.mp4")
+    parser.add_argument("--strip", default=None, metavar="PNG", help="also write a frame strip (trained model)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="video length at 30 fps (random model)")
+    parser.add_argument("--window", type=int, default=9, help="latent frames per section (random model)")
+    parser.add_argument("--size", type=int, nargs=2, default=(32, 48), metavar=("H", "W"),
+                        help="latent size (random model)")
     args = parser.parse_args(argv)
+    if args.random:
+        random_demo(args)
+    else:
+        trained_demo(args)
 
+
+def trained_demo(args):
+    model = load_transformer(train.WEIGHTS, compute_dtype=torch.float32)
+    clip = world.held_out_clip(args.seed)
+    settings = SamplingSettings(steps=args.steps or 25, seed=args.seed)
+    print(f"{train.WEIGHTS.name}: a tiny FramePack trained on world.py's shapes. Held-out start {args.seed}: "
+          f"{len(clip.colours)} shape(s) moving {clip.direction}; {args.sections} sections of {train.WINDOW} "
+          f"latent frames, {settings.steps} steps.")
+    truth = clip.frames(range(1 + args.sections * train.WINDOW))
+    began, videos = time.perf_counter(), [world.decode(truth)[0]]
+    for mode in MODES:
+        schedule = make_schedule(mode, args.sections, window=train.WINDOW)
+        with torch.inference_mode():
+            result = generate(model, schedule, *clip.conditioning(), settings=settings)
+        frames = decode_sections(result.latents, mode, result.window, result.sections, world.decode)
+        error = world.truth_error(result.latents, truth)
+        step, change = world.motion(frames)
+        print(f"{mode:>9}: error vs the true continuation {error[1:].mean():.3f} (first section "
+              f"{error[1:1 + train.WINDOW].mean():.3f}, last {error[-train.WINDOW:].mean():.3f}); distance to the "
+              f"nearest world frame {world.world_error(result.latents, clip).mean():.3f}; frame-to-frame change "
+              f"{step:.3f} and first-to-last change {change:.2f} of the frames' spread")
+        videos.append(frames)
+    print(f"    truth: distance to the nearest world frame {world.world_error(truth, clip).mean():.3f} (latent units; "
+          f"the true frames spread {truth.std():.2f} around their mean)")
+    panels = side_by_side(videos)
+    with VideoFileSink(args.out, fps=30) as sink:
+        sink(panels)
+        path, count = sink.result()
+    print(f"wrote {path} ({count} frames: truth | inverted | forward) in {time.perf_counter() - began:.1f} s.")
+    if args.strip:
+        write_strip(args.strip, videos)
+        print(f"wrote {args.strip}")
+
+
+def side_by_side(videos, gap=4):
+    """(N, H, W, 3) videos of one length joined left to right with white gaps."""
+    white = torch.ones(videos[0].shape[0], videos[0].shape[1], gap, 3)
+    parts = [p for v in videos for p in (v, white)][:-1]
+    return torch.cat(parts, dim=2)
+
+
+def write_strip(path, videos, count=8, gap=4):
+    """A PNG: one row per video, ``count`` evenly spaced frames each (PyAV's PNG encoder, no imaging library)."""
+    import av
+
+    picks = torch.linspace(0, videos[0].shape[0] - 1, count).round().long()
+    rows = [side_by_side(list(v[picks].unsqueeze(1)), gap)[0] for v in videos]
+    white = torch.ones(gap, rows[0].shape[1], 3)
+    image = torch.cat([p for r in rows for p in (r, white)][:-1])
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    with av.open(str(path), "w", format="image2") as container:
+        stream = container.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = pixels.shape[1], pixels.shape[0], "rgb24"
+        for packet in [*stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")), *stream.encode()]:
+            container.mux(packet)
+
+
+def random_demo(args):
     torch.manual_seed(args.seed)
     model = FramePackTransformer(TINY).eval().requires_grad_(False)
     model.load_state_dict(random_state_dict(TINY, seed=args.seed))
@@ -99,7 +173,7 @@ def main(argv=None):
     start = torch.randn(1, TINY.in_channels, 1, h, w, generator=g)
     image = torch.randn(1, 729, TINY.image_dim, generator=g)
     prompt = Prompt(torch.randn(1, 20, TINY.text_dim, generator=g), torch.randn(1, TINY.pooled_dim, generator=g))
-    settings = SamplingSettings(steps=args.steps, seed=args.seed)
+    settings = SamplingSettings(steps=args.steps or 6, seed=args.seed)
 
     on_section, rows = section_report(schedule, h, w, "cpu")
     began = time.perf_counter()
