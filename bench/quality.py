@@ -11,13 +11,17 @@ Drift is the FramePack paper's |M(first 15 % of frames) - M(last 15 %)| for each
 
 Tables (markdown, for the README):
 1. modes: inverted (anti-drifting), forward (F1) and a no-history baseline (forward layout, counts 0/0/0:
-   every section sees only the start frame), over ``--sections`` sections, with the per-section error;
+   every section sees only the start frame), over ``--sections`` sections, with the per-section error,
+   beside the start frame held still (no motion) and the true frames;
 2. history budgets: 1x/2x/4x counts and their tokens per section, both modes;
 3. speed and memory options against the plain run of the same mode: TeaCache and MagCache thresholds
    (MagCache calibrated on this model, on a start outside the evaluated ones), fp8 weights (e4m3fn storage
    of the block matrices), and real CFG (cfg 2 with the empty prompt as negative) batched against
    sequential. Each row gives the steps skipped, the difference to the plain run, both errors and the
-   speed ratio, timed side by side: every start runs the plain video, then each option, in one loop.
+   speed ratio, timed side by side: every start runs the plain video, then each option, in one loop;
+4. one denoising step at high noise, where a section's layout is decided, on training examples: the
+   predicted section with the clip's prompt and with the opposite direction's, against the true frame
+   before the section repeated (does the model use the prompt, and the context?).
 
 A benchmark, never run as a test. Time on the machine's CPU threads (``--threads``, default 2).
 """
@@ -38,6 +42,7 @@ from framepack_core.loading import load_transformer  # noqa: E402
 from framepack_core.magcache_calibrate import calibrate  # noqa: E402
 from framepack_core.packing import MODES, make_schedule  # noqa: E402
 from framepack_core.pipeline import SamplingSettings, generate  # noqa: E402
+from framepack_core.sampling import make_flow_denoiser, noise_to_sigma  # noqa: E402
 
 CALIBRATION_START = 999  # held-out clip the MagCache ratios are measured on (not one of the evaluated starts)
 BUDGETS = ((1, 2, 16), (1, 2, 4), (1, 2, 0), (1, 0, 0), (0, 0, 0))
@@ -106,17 +111,19 @@ def modes_table(model, clips, args):
     variants = {"inverted": ("inverted", None), "forward": ("forward", None),
                 "no history (forward, counts 0/0/0)": ("forward", (0, 0, 0))}
     scores = {name: Scores() for name in variants}
-    truth_world = Scores()
+    truth_world, still = Scores(), Scores()
     for i, clip in enumerate(clips):
         settings = SamplingSettings(steps=args.steps, seed=i)
         for name, (mode, counts) in variants.items():
             scores[name].add(run(model, clip, mode, args.sections, settings, counts), clip)
         truth = clip.frames(range(1 + args.sections * train.WINDOW))
         truth_world.add(Run(truth, 0.0), clip)
+        still.add(Run(clip.start().expand_as(truth), 0.0), clip)
+    baselines = {"start frame held still (no motion)": still}
     print(f"### 1. Modes: {args.sections} sections of {train.WINDOW} latent frames ({len(clips)} held-out starts, "
           f"{args.steps} steps)\n")
     rows = []
-    for name, s in [*scores.items(), ("true frames (floor of the world error)", truth_world)]:
+    for name, s in [*scores.items(), *baselines.items(), ("true frames (floor of the world error)", truth_world)]:
         r = s.summary()
         rows.append([name, f"{r['truth']:.3f}", f"{r['truth_first']:.3f} -> {r['truth_last']:.3f}",
                      f"{r['truth_drift']:.3f}", f"{r['world']:.3f}", f"{r['world_first']:.3f} -> {r['world_last']:.3f}",
@@ -124,7 +131,7 @@ def modes_table(model, clips, args):
     table(["video", "truth error", "first 15% -> last 15%", "drift", "world error", "first 15% -> last 15%",
            "drift", "s / video"], rows)
     print("Truth error per section (temporal order):\n")
-    for name, s in scores.items():
+    for name, s in {**scores, **baselines}.items():
         curve = per_section(s.summary()["per_frame_truth"], args.sections)
         print(f"- {name}: " + " ".join(f"{v:.2f}" for v in curve))
     print()
@@ -207,6 +214,47 @@ def speed_table(model, fp8_model, clips, args):
           "float rounding. Speed is the plain run's time over the option's, averaged over starts.")
 
 
+PROBE_SIGMA = 0.95  # where a section's layout is decided
+PROBES = {  # name: (mode, sections, position in sampling order)
+    "forward, first section (direction only in the prompt)": ("forward", 1, 0),
+    "forward, after 3 sections of history": ("forward", 4, 3),
+    "inverted, the video's end, sampled first (direction only in the prompt)": ("inverted", 6, 0),
+    "inverted, first section, between the start and the later sections": ("inverted", 6, 5),
+}
+
+
+def opposite(direction):
+    return world.DIRECTIONS[(world.DIRECTIONS.index(direction) + 4) % len(world.DIRECTIONS)]
+
+
+def probe_table(model, clips):
+    """x0 predicted in one step at PROBE_SIGMA from a training example, with the clip's prompt and with the
+    opposite direction's, against the frame before the section repeated: does the model use the prompt, and
+    the context?"""
+    def rms(a, b):
+        return (a - b).pow(2).mean().sqrt().item()
+
+    rows, noise = [], torch.Generator().manual_seed(0)
+    for name, (mode, sections, position) in PROBES.items():
+        errors = []
+        for clip in clips:
+            inputs, target = train.example_inputs(clip, mode, sections, position, clip.direction)
+            swapped, _ = train.example_inputs(clip, mode, sections, position, opposite(clip.direction))
+            before = make_schedule(mode, sections, window=train.WINDOW)[position].first_video_frame - 1
+            x = noise_to_sigma(target, torch.randn(target.shape, generator=noise), PROBE_SIGMA)
+            sigma = torch.tensor([PROBE_SIGMA])
+            with torch.inference_mode():
+                x0 = [make_flow_denoiser(model, c)(x, sigma) for c in (inputs, swapped)]
+            errors.append([rms(x0[0], target), rms(x0[1], target),
+                           rms(clip.frames([before]).expand_as(target), target)])
+        low, high = torch.tensor(errors).aminmax(dim=0)
+        rows.append([name, *(f"{a:.2f}-{b:.2f}" for a, b in zip(low.tolist(), high.tolist()))])
+    print(f"### 4. One step at sigma {PROBE_SIGMA} ({len(clips)} held-out starts; RMS error of the predicted "
+          "section against the truth, lowest-highest over the starts)\n")
+    table(["section", "x0, the clip's prompt", "x0, the opposite direction's prompt", "the true frame before the section, repeated"],
+          rows)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--starts", type=int, default=4)
@@ -216,7 +264,7 @@ def main(argv=None):
     parser.add_argument("--teacache", type=float, nargs="*", default=[0.1, 0.15, 0.25])
     parser.add_argument("--magcache", type=float, nargs="*", default=[0.05, 0.1, 0.25])
     parser.add_argument("--speed-modes", nargs="*", default=list(MODES), choices=MODES)
-    parser.add_argument("--tables", nargs="*", type=int, default=[1, 2, 3])
+    parser.add_argument("--tables", nargs="*", type=int, default=[1, 2, 3, 4])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_transformer(train.WEIGHTS, compute_dtype=torch.float32)
@@ -231,6 +279,8 @@ def main(argv=None):
         budgets_table(model, clips, args, defaults)
     if 3 in args.tables:
         speed_table(model, fp8, clips, args)
+    if 4 in args.tables:
+        probe_table(model, clips)
     print(f"\n({time.perf_counter() - began:.0f} s in all)")
 
 

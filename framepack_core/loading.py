@@ -411,9 +411,9 @@ def _read_batches(files, shapes, prefix, targets, batches=16):
     safetensors maps the whole file and its tensors are views of that mapping: a page read through it stays
     resident for as long as any view of the mapping lives. So per file the tensors kept as stored (no key in
     ``targets``) come first, all from one mapping that nothing else reads: until used they cost a page or so
-    each (and the kernel's fault-around), then only their own pages. The converted ones follow in batches of about 1/``batches`` of the converted bytes,
-    each from a mapping that no tensor outlives, so the pages read while converting are released batch by
-    batch and host memory stays near one copy of the result.
+    each (and the kernel's fault-around), then only their own pages. The converted ones follow in batches of
+    about 1/``batches`` of the converted bytes, each from a mapping that no tensor outlives, so the pages read
+    while converting are released batch by batch and host memory stays near one copy of the result.
     """
     def nbytes(key):
         shape, dtype = shapes[key]

@@ -184,6 +184,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out", default=str(WEIGHTS))
     args = parser.parse_args(argv)
+    for name in ("steps", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be 1 or more, got {getattr(args, name)}")
     torch.set_num_threads(THREADS)
     command = "python -m framepack_core.train " + shlex.join(sys.argv[1:] if argv is None else argv)
     began = time.perf_counter()

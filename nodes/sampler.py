@@ -199,10 +199,9 @@ class FramePackSampler(io.ComfyNode):
         patchers = [model] + ([unit] if unit else [])
         mm.load_models_gpu(patchers, memory_required=memory(1))
         transformer = model.get_model_object("diffusion_model")  # read again once loaded, object patches applied
-        if unit is None:
-            batched = cfg != 1.0 and choose_cfg_batch(cfg_batch, mm.get_free_memory(model.load_device), memory(2))
-        else:  # CFGSplit runs the two halves of each batched call on the two devices
-            batched = True
+        # with a work unit, CFGSplit runs the two halves of each batched call on the two devices
+        batched = unit is not None or (
+            cfg != 1.0 and choose_cfg_batch(cfg_batch, mm.get_free_memory(model.load_device), memory(2)))
         settings = dataclasses.replace(settings, cfg_batch=batched)
         section_steps = steps if inputs["guide_latents"] is None else max(denoised_steps(steps, denoise), 1)
         total = len(plan) * section_steps

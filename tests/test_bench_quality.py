@@ -17,6 +17,7 @@ def test_every_table_runs_on_the_trained_model(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "### 1. Modes" in out and "### 2. History budgets" in out and "### 3. Speed and memory" in out
+    assert "### 4. One step at sigma" in out
     rows = [line.split(" | ")[1] for line in out.splitlines() if line.startswith("| inverted | ")]
     assert {"plain", "TeaCache 0.1", "MagCache 0.1", "MagCache 0.1, K=3", "fp8 weights (e4m3fn)", "CFG 2, sequential",
             "CFG 2, batched"} <= set(rows)

@@ -49,3 +49,10 @@ def test_random_demo_writes_a_video_and_reports_flat_sections(tmp_path):
     frames, size = frames_and_size(out)
     assert size == (64, 96)
     assert frames == 4 * (1 + 5 * 3) - 3
+
+
+def test_demo_rejects_zero_steps_and_sections():
+    for option in ("--steps", "--sections"):
+        result = subprocess.run([sys.executable, "-m", "framepack_core.demo", option, "0"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and f"{option}: must be 1 or more, got 0" in result.stderr

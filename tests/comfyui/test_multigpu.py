@@ -26,10 +26,14 @@ def pack(comfy):
     return comfy.pack
 
 
-def has_work_units():
+def has_work_units(comfy):
+    """Whether this ComfyUI makes work units; one without must not have the node that asks for them either."""
     from comfy.model_patcher import ModelPatcher
 
-    return hasattr(ModelPatcher, "deepclone_multigpu")
+    if hasattr(ModelPatcher, "deepclone_multigpu"):
+        return True
+    assert "MultiGPU_WorkUnits" not in comfy.nodes.NODE_CLASS_MAPPINGS
+    return False
 
 
 def with_cpu_work_unit(model):
@@ -69,17 +73,15 @@ def loaded_patchers():
 
 def test_the_core_node_on_one_device_makes_no_work_units(comfy, pack):
     model = load_model(pack)
-    node = comfy.nodes.NODE_CLASS_MAPPINGS.get("MultiGPU_WorkUnits")
-    if node is None:  # a ComfyUI without MultiGPU nodes
-        assert not has_work_units()
+    if not has_work_units(comfy):
         return
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["MultiGPU_WorkUnits"]
     units = run(node, model=model, max_gpus=2)[0].get_additional_models_with_key("multigpu")
     assert units == [], "the CPU is the only device: MultiGPU CFG Split has nothing to copy the model to"
 
 
-def test_cfg_split_over_two_work_units_gives_the_sequential_result(pack, caplog):
-    if not has_work_units():
-        assert "MultiGPU_WorkUnits" not in pack  # nothing to split on this ComfyUI
+def test_cfg_split_over_two_work_units_gives_the_sequential_result(comfy, pack, caplog):
+    if not has_work_units(comfy):
         return
     reference = sample(pack, load_model(pack), cfg=CFG, cfg_batch="sequential")["samples"]
     model = load_model(pack).clone()
@@ -99,9 +101,8 @@ def test_cfg_split_over_two_work_units_gives_the_sequential_result(pack, caplog)
         [(False, [0], True)] * (SECTIONS * STEPS) + [(True, [1], False)] * (SECTIONS * STEPS))
 
 
-def test_cfg_1_samples_on_one_device_and_never_loads_the_copy(pack, caplog):
-    if not has_work_units():
-        assert "MultiGPU_WorkUnits" not in pack
+def test_cfg_1_samples_on_one_device_and_never_loads_the_copy(comfy, pack, caplog):
+    if not has_work_units(comfy):
         return
     plain = sample(pack, load_model(pack))["samples"]
     model = load_model(pack).clone()
@@ -119,11 +120,10 @@ def test_cfg_1_samples_on_one_device_and_never_loads_the_copy(pack, caplog):
     assert unit not in loaded_patchers() and not any(p.model is unit.model for p in loaded_patchers())
 
 
-def test_single_frame_samples_on_one_device_and_never_reads_the_copy(pack, caplog):
+def test_single_frame_samples_on_one_device_and_never_reads_the_copy(comfy, pack, caplog):
     from test_features import single_frame
 
-    if not has_work_units():
-        assert "MultiGPU_WorkUnits" not in pack
+    if not has_work_units(comfy):
         return
     plain = single_frame(pack, load_model(pack), cfg=CFG)["samples"]
     split = with_cpu_work_unit(load_model(pack).clone())
