@@ -1,7 +1,7 @@
 """A whole FramePack generation on CPU with the project's tiny trained model: ``python -m framepack_core.demo``.
 
 The model (``train.WEIGHTS``, trained by ``python -m framepack_core.train``) knows the procedural world of
-world.py: coloured shapes sliding in the prompt's direction and bouncing off the walls. From a held-out start
+world.py: coloured shapes sliding in the prompt's direction until they rest against a wall. From a held-out start
 frame the demo generates a multi-section video in both modes, inverted (anti-drifting) and forward (F1),
 through the real ``generate()``, section decode and mp4 writer, and writes them side by side with the true
 continuation (truth | inverted | forward). It prints each mode's error against the truth.

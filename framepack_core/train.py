@@ -6,7 +6,9 @@ ones, so the history, the 1x/2x/4x context ``section.gather`` picks from it and 
 arguments (``pipeline.model_inputs``) are the ones ``generate()`` would pass at that section. Inverted
 (anti-drifting, with the end-of-video paddings) and forward (F1) sections train one model; the loss is
 flow matching on the section's window (velocity noise - x0 at a sigma drawn from the sampling schedule's
-shifted distribution). One in ten examples gets the empty prompt, so classifier-free guidance works.
+shifted distribution, stratified over the batch). Three in ten examples are sections that see only the start
+frame and the prompt, where the prompt alone sets the motion; one in ten gets the empty prompt, so
+classifier-free guidance works.
 
 The command reproduces the committed weights (``WEIGHTS``) from its seed: every random draw comes from
 seeded generators and the thread count is fixed, so the same torch build on the same kind of CPU gives the
@@ -39,6 +41,10 @@ CONFIG = FramePackConfig(num_heads=3, head_dim=32, num_layers=2, num_single_laye
 MAX_SECTIONS = 16  # inverted clips have 1..16 sections (the end-of-video paddings from 5 on)
 FORWARD_POSITIONS = 6  # forward sections 0..5: from an empty history to a full one (19 frames)
 EMPTY_PROMPT_SHARE = 0.1
+# Sections that see only the start frame and the prompt (forward's first section; the end of an inverted video
+# of 1-4 sections, sampled first) are where the prompt alone sets the motion: drawn this often on top of the rest.
+PROMPT_ONLY_SHARE = 0.3
+PROMPT_ONLY_INVERTED_SECTIONS = 4  # longer videos cap the end's padding (packing.py): its distance is unknown
 SETTINGS = SamplingSettings()  # the distilled guidance the model is trained and sampled with
 
 
@@ -66,12 +72,18 @@ def example_inputs(clip, mode, num_sections, position, direction, window=WINDOW)
 
 
 def random_example(generator, window=WINDOW):
-    """A random clip, mode, video length and section; the empty prompt one time in ten."""
+    """A random clip, mode, video length and section (prompt-only sections ``PROMPT_ONLY_SHARE`` of the time);
+    the empty prompt one time in ten."""
     def randint(n):
         return int(torch.randint(n, (), generator=generator))
 
     clip = world.sample_clip(generator)
-    if randint(2):
+    if torch.rand((), generator=generator) < PROMPT_ONLY_SHARE:
+        if randint(2):
+            mode, num_sections, position = "forward", 1, 0
+        else:
+            mode, num_sections, position = "inverted", 1 + randint(PROMPT_ONLY_INVERTED_SECTIONS), 0
+    elif randint(2):
         mode, num_sections = "inverted", 1 + randint(MAX_SECTIONS)
         position = randint(num_sections)
     else:
@@ -106,7 +118,8 @@ def sigma_from_uniform(u, token_count):
 def flow_loss(model, inputs, target, generator):
     """Flow-matching loss: the model's velocity at a random sigma against noise - x0."""
     noise = torch.randn(target.shape, generator=generator)
-    u = torch.rand(target.shape[0], generator=generator).clamp(1e-3, 1 - 1e-3)
+    batch = target.shape[0]  # one uniform draw per stratum of [0, 1): the batch covers every noise level
+    u = ((torch.arange(batch) + torch.rand(batch, generator=generator)) / batch).clamp(1e-3, 1 - 1e-3)
     sigma = sigma_from_uniform(u, target[0, 0].numel() // 4).view(-1, 1, 1, 1, 1)
     noisy = (1 - sigma) * target + sigma * noise
     velocity = model(hidden_states=noisy, timestep=sigma.flatten() * 1000.0, **inputs)

@@ -1,7 +1,12 @@
 """A procedural video world in FramePack's latent space: exact ground truth for any start and any length.
 
-Coloured shapes (discs and squares) slide across a plain background at one speed, all starting in the
-direction the prompt names, and bounce off the walls. Everything is defined directly on the model's latent
+Coloured shapes (discs and squares) slide across a plain background at one speed in the direction the
+prompt names until they meet a wall, and come to rest against it (moving diagonally, a shape slides along the
+wall into the corner). Resting, not bouncing: in inverted (anti-drifting) order the video's end is sampled
+first, from the start frame and the prompt alone, at a distance the end-of-video paddings cap (packing.py); a
+world whose shapes come to rest has an end that follows from the start and the direction, as a real clip's
+settled last scene does, while a bouncing one leaves every point of its path equally likely (the first model
+trained here, on bouncing shapes, blurred its ends into nothing). Everything is defined directly on the model's latent
 grid (16 channels, ``LATENT_SIZE``), so a start frame has a true continuation for any number of frames:
 ``Clip.frames(times)`` renders any latent frame directly from the closed-form motion.
 
@@ -31,7 +36,7 @@ CHANNELS = 16
 LATENT_SIZE = (16, 16)  # latent height, width; the video is 8x that in pixels
 SCALE = 8  # pixels per latent pixel, as the HunyuanVideo VAE
 SPEED = 0.4  # latent pixels per latent frame (0.1 per video frame)
-EDGE = 0.35  # softness of the shapes' edges, in latent pixels
+EDGE = 0.8  # softness of the shapes' edges, in latent pixels (soft edges: fewer fine details to learn)
 DIRECTIONS = ("right", "down-right", "down", "down-left", "left", "up-left", "up", "up-right")
 NO_DIRECTION = ""  # the empty prompt (classifier-free guidance's negative)
 SHAPES = ("disc", "square")
@@ -113,12 +118,11 @@ class Clip:
         return torch.tensor([math.sin(angle), math.cos(angle)]) * SPEED  # (dy, dx), y grows downwards
 
     def centres(self, times):
-        """(T, K, 2) shape centres at latent frames ``times``: straight motion folded back at the walls."""
+        """(T, K, 2) shape centres at latent frames ``times``: straight motion that stops at the walls."""
         times = torch.as_tensor(times, dtype=torch.float32).reshape(-1, 1, 1)
-        low = self.sizes[:, None]
-        span = torch.tensor(LATENT_SIZE, dtype=torch.float32) - 2 * low  # (K, 2) room to move
-        travelled = torch.remainder(self.positions - low + self.velocity * times, 2 * span)
-        return low + torch.where(travelled <= span, travelled, 2 * span - travelled)
+        low = self.sizes[:, None]  # (K, 1): a shape's edge touches the wall when its centre is one radius in
+        high = torch.tensor(LATENT_SIZE, dtype=torch.float32) - low
+        return torch.minimum(torch.maximum(self.positions + self.velocity * times, low), high)
 
     def frames(self, times):
         """Latent frames (1, 16, T, H, W) at ``times`` (latent frame numbers; frame 0 is the start)."""

@@ -98,3 +98,20 @@ def test_the_trained_model_makes_frames_of_the_world():
             video = generate(model.eval(), schedule, *clip.conditioning(), settings=SamplingSettings(steps=8)).latents
         errors.append(world.world_error(video, clip)[1:].mean())
     assert errors[0] < 0.1 < errors[1]
+
+
+def test_the_trained_model_moves_the_shapes_where_the_prompt_says():
+    # the first forward section sees only the start frame: the direction comes from the prompt alone, so the
+    # clip's own prompt must land far closer to the true frames than the opposite direction's
+    clip = world.held_out_clip(6)
+    opposite = world.DIRECTIONS[(world.DIRECTIONS.index(clip.direction) + 4) % len(world.DIRECTIONS)]
+    model = load_transformer(train.WEIGHTS, compute_dtype=torch.float32)
+    truth = clip.frames(range(1 + train.WINDOW))
+    start, image, _ = clip.conditioning()
+    errors = {}
+    for direction in (clip.direction, opposite):
+        with torch.inference_mode():
+            video = generate(model, make_schedule("forward", 1, window=train.WINDOW), start, image,
+                             world.prompt(direction), settings=SamplingSettings(steps=8)).latents
+        errors[direction] = world.truth_error(video, truth)[1:].mean()
+    assert errors[clip.direction] < 0.5 * errors[opposite]

@@ -1,4 +1,7 @@
-"""The procedural world: closed-form motion with bounces, its fixed decoder and its quality measure."""
+"""The procedural world: closed-form motion that comes to rest at the walls, its fixed decoder and its quality
+measure."""
+
+import math
 
 import pytest
 import torch
@@ -7,15 +10,23 @@ from framepack_core import world
 from framepack_core.packing import pixel_frames
 
 
-def test_shapes_move_in_the_prompted_direction_and_bounce_off_the_walls():
+def test_shapes_move_in_the_prompted_direction_and_come_to_rest_at_the_wall():
     clip = world.Clip("right", 0, (0,), ("disc",), torch.tensor([2.0]), torch.tensor([[8.0, 12.0]]))
     x = clip.centres(torch.arange(0, 60))[:, 0, 1]
-    assert torch.allclose(x[:6], 12.0 + world.SPEED * torch.arange(6.0))  # straight on at first
-    assert x.max() <= 16 - 2.0 + 1e-5 and x.min() >= 2.0 - 1e-5  # never through a wall
-    turn = int(x.argmax())
-    assert 0 < turn < 59 and torch.allclose(x[turn + 1], x[turn] - world.SPEED, atol=world.SPEED)  # and back
-    y = clip.centres(torch.arange(0, 60))[:, 0, 0]
-    assert torch.all(y == 8.0)
+    assert torch.allclose(x[:6], torch.clamp(12.0 + world.SPEED * torch.arange(6.0), max=14.0))  # straight on
+    assert torch.all(x[1:] >= x[:-1]) and x.max() == 16 - 2.0  # never back, never through the wall
+    assert torch.all(x[int(2.0 / world.SPEED) + 1:] == 14.0)  # and resting against it
+    assert torch.all(clip.centres(torch.arange(0, 60))[:, 0, 0] == 8.0)
+
+
+def test_a_diagonal_shape_slides_along_the_wall_into_the_corner():
+    clip = world.Clip("down-right", 0, (0,), ("square",), torch.tensor([2.0]), torch.tensor([[8.0, 12.0]]))
+    step = world.SPEED / math.sqrt(2)
+    at_wall = int(2.0 / step) + 1  # x meets the right wall first
+    centres = clip.centres(torch.arange(0, 60))[:, 0]
+    assert torch.allclose(centres[at_wall:, 1], torch.tensor(14.0))
+    assert centres[at_wall + 1, 0] > centres[at_wall, 0]  # y goes on down along the wall
+    assert torch.allclose(centres[-1], torch.tensor([14.0, 14.0]))  # into the corner
 
 
 def test_frames_and_start_agree_and_the_empty_prompt_exists():
