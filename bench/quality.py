@@ -7,6 +7,7 @@ Every video starts from a held-out clip of world.py (``world.held_out_clip``) an
 - truth error: distance to the true continuation;
 - world error: distance to the nearest frame the world can show with the start's shapes (needs no truth;
   blur, noise, colour drift and lost or doubled shapes raise it). The true frames' own value is the floor.
+Table 1 also gives travel: how far the shapes get by the last frame, as a share of how far the true ones get.
 Drift is the FramePack paper's |M(first 15 % of frames) - M(last 15 %)| for each measure M.
 
 Tables (markdown, for the README):
@@ -78,12 +79,13 @@ class Scores:
     """Per-frame truth and world errors of one variant, averaged over starts."""
 
     def __init__(self):
-        self.truth, self.world, self.seconds = [], [], []
+        self.truth, self.world, self.travel, self.seconds = [], [], [], []
 
     def add(self, result, clip):
         truth = clip.frames(range(result.latents.shape[2]))
         self.truth.append(world.truth_error(result.latents, truth))
         self.world.append(world.world_error(result.latents, clip))
+        self.travel.append(world.travel(result.latents, clip))
         self.seconds.append(result.seconds)
 
     def summary(self):
@@ -91,6 +93,7 @@ class Scores:
         (t0, t1), (w0, w1) = fifteen_percent(truth), fifteen_percent(quality)
         return dict(truth=truth[1:].mean().item(), truth_first=t0, truth_last=t1, truth_drift=abs(t1 - t0),
                     world=quality[1:].mean().item(), world_first=w0, world_last=w1, world_drift=abs(w1 - w0),
+                    travel=torch.tensor(self.travel).nanmean().item(),
                     seconds=sum(self.seconds) / len(self.seconds), per_frame_truth=truth)
 
 
@@ -127,9 +130,11 @@ def modes_table(model, clips, args):
         r = s.summary()
         rows.append([name, f"{r['truth']:.3f}", f"{r['truth_first']:.3f} -> {r['truth_last']:.3f}",
                      f"{r['truth_drift']:.3f}", f"{r['world']:.3f}", f"{r['world_first']:.3f} -> {r['world_last']:.3f}",
-                     f"**{r['world_drift']:.3f}**", f"{r['seconds']:.1f}"])
+                     f"**{r['world_drift']:.3f}**", f"{r['travel']:.2f}", f"{r['seconds']:.1f}"])
     table(["video", "truth error", "first 15% -> last 15%", "drift", "world error", "first 15% -> last 15%",
-           "drift", "s / video"], rows)
+           "drift", "travel", "s / video"], rows)
+    print("Travel: how far the shapes get from the start to the last frame, as a share of how far the true shapes "
+          "get (1 follows the truth, 0 stands still).\n")
     print("Truth error per section (temporal order):\n")
     for name, s in {**scores, **baselines}.items():
         curve = per_section(s.summary()["per_frame_truth"], args.sections)

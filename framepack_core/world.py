@@ -184,14 +184,12 @@ def decode(latents):
     return (rgb * 0.5 + 0.5).clamp(0, 1).unflatten(0, (1, -1)).permute(0, 1, 3, 4, 2)
 
 
-def nearest_world_frames(latents, clip, step=0.125):
-    """For each frame of ``latents`` (1, 16, T, H, W), a frame the world can show with ``clip``'s shapes.
+def fitted_centres(latents, clip, step=0.125):
+    """(T, K, 2) where each of ``clip``'s shapes best fits each frame of ``latents`` (1, 16, T, H, W).
 
     Ground truth is not needed: each pixel is split into the shapes' colours over the background (least
-    squares), each shape is placed where its coverage map best matches the shape (positions on a ``step``
-    grid), and the frame is rendered with those positions. Blur, noise, colour drift and lost or doubled
-    shapes all move a frame away from its nearest world frame; a true frame is its own nearest one (up to
-    the grid step and heavy occlusion).
+    squares), and each shape is placed where its coverage map best matches the shape (positions on a ``step``
+    grid).
     """
     frames = latents[0].float().flatten(2).transpose(0, 1)  # (T, 16, H*W)
     background = colour_code(len(PALETTE) + clip.background)
@@ -205,7 +203,28 @@ def nearest_world_frames(latents, clip, step=0.125):
         templates = shape_alpha(candidates[:, None], size[None], clip.kinds[k:k + 1])[:, 0].flatten(1)  # (P, H*W)
         score = 2 * coverage[:, k] @ templates.T - (templates**2).sum(1)  # -|coverage - template|^2 + const
         centres.append(candidates[score.argmax(1)])
-    return clip.render(torch.stack(centres, 1))
+    return torch.stack(centres, 1)
+
+
+def nearest_world_frames(latents, clip, step=0.125):
+    """For each frame of ``latents`` (1, 16, T, H, W), a frame the world can show with ``clip``'s shapes: the
+    shapes rendered where they best fit (``fitted_centres``). Blur, noise, colour drift and lost or doubled
+    shapes all move a frame away from its nearest world frame; a true frame is its own nearest one (up to the
+    grid step and heavy occlusion).
+    """
+    return clip.render(fitted_centres(latents, clip, step))
+
+
+def travel(latents, clip, least=1.0):
+    """How far the shapes get from the first frame of ``latents`` to the last, as a share of how far the true
+    shapes get over as many frames (mean over the shapes that truly move at least ``least`` latent pixels;
+    nan if none does): 1 follows the truth, 0 stands still, below 1 lags behind."""
+    first, last = fitted_centres(latents[:, :, [0, -1]], clip)
+    moved = (last - first).norm(dim=-1)  # (K,)
+    true = clip.centres([0, latents.shape[2] - 1])
+    true_moved = (true[1] - true[0]).norm(dim=-1)
+    keep = true_moved >= least
+    return (moved[keep] / true_moved[keep]).mean().item() if keep.any() else float("nan")
 
 
 def world_error(latents, clip):

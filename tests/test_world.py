@@ -66,3 +66,13 @@ def test_motion_measures_smooth_moving_video():
     assert step < 0.15 and change > 0.5
     still = frames[:1].expand(10, -1, -1, -1) + 0.01 * torch.rand(10, *frames.shape[1:])
     assert world.motion(still)[0] > 0.5  # flicker around a still picture is not smooth motion
+
+
+def test_travel_says_how_far_the_shapes_get_against_the_truth():
+    clip = world.Clip("right", 0, (0, 2), ("disc", "square"), torch.tensor([2.0, 2.5]),
+                      torch.tensor([[4.0, 3.0], [11.0, 3.0]]))  # 8 frames: 3.2 pixels, far from the wall
+    times = torch.arange(9.0)
+    assert world.travel(clip.frames(times), clip) == pytest.approx(1.0, abs=0.05)
+    assert world.travel(clip.frames(times * 0.5), clip) == pytest.approx(0.5, abs=0.05)  # lagging behind
+    assert world.travel(clip.start().expand(-1, -1, 9, -1, -1), clip) == pytest.approx(0.0, abs=0.05)
+    assert torch.allclose(world.fitted_centres(clip.frames([0, 8]), clip), clip.centres([0, 8]), atol=0.07)
