@@ -1,12 +1,12 @@
 """A procedural video world in FramePack's latent space: exact ground truth for any start and any length.
 
-Coloured shapes (discs and squares) slide across a plain background at one speed in the direction the
-prompt names until they meet a wall, and come to rest against it (moving diagonally, a shape slides along the
-wall into the corner). Resting, not bouncing: in inverted (anti-drifting) order the video's end is sampled
-first, from the start frame and the prompt alone, at a distance the end-of-video paddings cap (packing.py); a
-world whose shapes come to rest has an end that follows from the start and the direction, as a real clip's
-settled last scene does, while a bouncing one leaves every point of its path equally likely (the first model
-trained here, on bouncing shapes, blurred its ends into nothing). Everything is defined directly on the model's latent
+Coloured shapes (discs and squares) slide across a plain background at one speed in the direction the prompt
+names until they meet a wall, and come to rest against it (moving diagonally, a shape slides along the wall
+into the corner). Resting, not bouncing: in inverted (anti-drifting) order the video's end is sampled first,
+from the start frame and the prompt alone, at a distance the end-of-video paddings cap (packing.py); a world
+whose shapes come to rest has an end that follows from the start and the direction, as a real clip's settled
+last scene does, while a bouncing one leaves every point of its path equally likely (the first model trained
+here, on bouncing shapes, blurred its ends into nothing). Everything is defined directly on the model's latent
 grid (16 channels, ``LATENT_SIZE``), so a start frame has a true continuation for any number of frames:
 ``Clip.frames(times)`` renders any latent frame directly from the closed-form motion.
 
