@@ -262,10 +262,10 @@ def probe_table(model, clips):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--starts", type=int, default=4)
-    parser.add_argument("--sections", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--starts", type=train.positive_int, default=4)
+    parser.add_argument("--sections", type=train.positive_int, default=16)
+    parser.add_argument("--steps", type=train.positive_int, default=25)
+    parser.add_argument("--threads", type=train.positive_int, default=2)
     parser.add_argument("--teacache", type=float, nargs="*", default=[0.1, 0.15, 0.25])
     parser.add_argument("--magcache", type=float, nargs="*", default=[0.05, 0.1, 0.25])
     parser.add_argument("--speed-modes", nargs="*", default=list(MODES), choices=MODES)

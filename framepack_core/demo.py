@@ -87,23 +87,16 @@ def print_rows(rows):
         print(f"{r[0]:>7} {r[1]:>5} {r[2]:>7} {r[3]:>7} {r[4]:>8.2f} {r[5]:>9.0f}")
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--random", action="store_true", help="a random-weight model instead of the trained one")
-    parser.add_argument("--sections", type=positive_int, default=6, help="sections per video (trained model)")
-    parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: 25 trained, 6 random)")
+    parser.add_argument("--sections", type=train.positive_int, default=6, help="sections per video (trained model)")
+    parser.add_argument("--steps", type=train.positive_int, default=None, help="sampling steps (default: 25 trained, 6 random)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed; the trained demo's start is held-out clip SEED")
     parser.add_argument("--out", default="framepack_demo.mp4")
     parser.add_argument("--strip", default=None, metavar="PNG", help="also write a frame strip (trained model)")
     parser.add_argument("--seconds", type=float, default=4.0, help="video length at 30 fps (random model)")
-    parser.add_argument("--window", type=positive_int, default=9, help="latent frames per section (random model)")
+    parser.add_argument("--window", type=train.positive_int, default=9, help="latent frames per section (random model)")
     parser.add_argument("--size", type=int, nargs=2, default=(32, 48), metavar=("H", "W"),
                         help="latent size (random model)")
     args = parser.parse_args(argv)

@@ -189,17 +189,29 @@ def save_weights(model, path, **metadata):
     return Path(path)
 
 
+def positive_int(text):
+    """argparse type for counts (steps, sections, ...): 0 or less is an error, not a silent default."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=positive_int, default=5000)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--lr", type=positive_float, default=2e-3)
     parser.add_argument("--out", default=str(WEIGHTS))
     args = parser.parse_args(argv)
-    for name in ("steps", "batch"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be 1 or more, got {getattr(args, name)}")
     torch.set_num_threads(THREADS)
     command = "python -m framepack_core.train " + shlex.join(sys.argv[1:] if argv is None else argv)
     began = time.perf_counter()

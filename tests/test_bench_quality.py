@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import pytest  # noqa: E402
 import quality  # noqa: E402
 import torch  # noqa: E402
 
@@ -22,3 +23,9 @@ def test_every_table_runs_on_the_trained_model(capsys):
     assert {"plain", "TeaCache 0.1", "MagCache 0.1", "MagCache 0.1, K=3", "fp8 weights (e4m3fn)", "CFG 2, sequential",
             "CFG 2, batched"} <= set(rows)
     assert "nan" not in out
+
+
+def test_zero_starts_is_an_error_not_an_empty_table(capsys):
+    with pytest.raises(SystemExit) as stop:
+        quality.main(["--starts", "0"])
+    assert stop.value.code == 2 and "--starts: must be 1 or more, got 0" in capsys.readouterr().err

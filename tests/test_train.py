@@ -115,3 +115,13 @@ def test_the_trained_model_moves_the_shapes_where_the_prompt_says():
                              world.prompt(direction), settings=SamplingSettings(steps=8)).latents
         errors[direction] = world.truth_error(video, truth)[1:].mean()
     assert errors[clip.direction] < 0.5 * errors[opposite]
+
+
+@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps: must be 1 or more, got 0"),
+                                           (["--batch", "-2"], "--batch: must be 1 or more, got -2"),
+                                           (["--lr", "0"], "--lr: must be above 0, got 0"),
+                                           (["--lr", "nan"], "--lr: must be above 0, got nan")])
+def test_training_command_rejects_bad_counts_and_rates(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
